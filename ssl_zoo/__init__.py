@@ -1,0 +1,11 @@
+"""ssl_zoo: a config-driven self-supervised-learning zoo for Vision Transformers.
+
+The public names a plugin uses: the registries, the method contract and the checkpoint helpers.
+"""
+from ssl_zoo.method import Method, Stage, StepOutput
+from ssl_zoo.registry import (BACKBONES, DATASETS, HEADS, LAUNCHERS, METHODS, STRATEGIES, TARGET_GENERATORS,
+                              TRANSFORMS, Registry)
+
+__all__ = ["Method", "Stage", "StepOutput", "Registry", "METHODS", "BACKBONES", "DATASETS", "HEADS",
+           "LAUNCHERS", "STRATEGIES", "TARGET_GENERATORS", "TRANSFORMS"]
+__version__ = "0.1.0"

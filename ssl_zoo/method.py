@@ -47,6 +47,10 @@ class Method(nn.Module):
     def training_step(self, batch: Any, step: int) -> StepOutput:
         raise NotImplementedError
 
+    def forward(self, batch: Any, step: int) -> StepOutput:
+        """DDP and torch.compile wrap `forward`, so the strategies call the method through it."""
+        return self.training_step(batch, step)
+
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, C) features for kNN / linear-probe evaluation."""
         raise NotImplementedError

@@ -1,0 +1,224 @@
+"""Strict config composition: Hydra picks the YAML group options, typed schemas check every key.
+
+The run is configured from `configs/` (package `ssl_zoo_configs`): `group=option` chooses a YAML file of a
+group, `a.b.c=value` overrides one key. Every section is checked against a dataclass schema before any work
+starts: the core's own (`TrainerConfig`, `RootConfig`) or the one registered with the registry entry that the
+section names (`method.name`, `model.name`, `data.name`, `launcher.name`). A typo or a wrong type fails with
+one line naming the key path and, for a typo, the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ssl_zoo import registry
+from ssl_zoo.registry import Registry, nearest
+
+#: groups whose sections are typed by the schema of the registry entry they name
+SECTION_REGISTRIES: dict[str, Registry[Any]] = {
+    "method": registry.METHODS,
+    "model": registry.BACKBONES,
+    "data": registry.DATASETS,
+    "launcher": registry.LAUNCHERS,
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message is one line: the key path, the problem and the fix."""
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Method-agnostic training loop settings. `batch_size` is per process and per micro-batch."""
+
+    max_steps: int = 100
+    batch_size: int = 32
+    accumulate: int = 1
+    lr: float = 1.5e-3
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 3.0  # 0 turns clipping off
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 where the device supports it fast
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | a registered strategy
+    find_unused_parameters: bool = True
+    log_every: int = 10
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    visualize_every: int = 0  # 0: pictures at the end only
+    progress: Optional[bool] = None  # None: a progress bar on a terminal, log lines otherwise
+
+
+@dataclasses.dataclass
+class RootConfig:
+    output_dir: str = "runs/${method.name}"
+    seed: int = 0
+    plugins: list[str] = dataclasses.field(default_factory=list)
+    method: Any = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    launcher: Any = MISSING
+
+
+def config_dir() -> Path:
+    import ssl_zoo_configs
+
+    return Path(ssl_zoo_configs.__file__).parent
+
+
+def store_schema(group: str, name: str, schema: type) -> None:
+    """Make `group=name` choosable from a registered schema alone, unless a YAML option has that name
+    (Hydra would otherwise match the two, a deprecated behaviour; our own validation types the YAML)."""
+    if not (config_dir() / group / f"{name}.yaml").exists():
+        ConfigStore.instance().store(group=group, name=name, node=schema, provider="ssl_zoo")
+
+
+def _hydra() -> None:
+    if not GlobalHydra.instance().is_initialized():
+        initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="ssl_zoo")
+
+
+def groups() -> dict[str, list[str]]:
+    """Every config group and its options, as `--help` shows them."""
+    _hydra()
+    loader = GlobalHydra.instance().config_loader()
+    return {g: loader.get_group_options(g) for g in sorted(loader.list_groups("")) if g != "hydra"}
+
+
+def _split(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any, str]], list[str]]:
+    """Group choices for Hydra, key overrides for us (key, value, text), and the `plugins` modules."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise ConfigError(f"cannot parse the overrides: {exc}") from None
+    group_names = groups()
+    choices, keys, plugins = [], [], []
+    for text, ov in zip(overrides, parsed):
+        key = ov.key_or_group
+        if key in group_names or key.split("/")[0] in group_names:
+            choices.append(text)
+        else:
+            value = ov.value()
+            keys.append((key, value, text))
+            if key == "plugins":
+                plugins = list(value) if isinstance(value, (list, tuple)) else [value]
+    return choices, keys, plugins
+
+
+def _check_choices(choices: list[str]) -> None:
+    options = groups()
+    for text in choices:
+        group, _, option = text.lstrip("+").partition("=")
+        available = options.get(group, [])
+        if option not in available and option != "null":
+            hint = nearest(option, available)
+            raise ConfigError(
+                f"unknown {group} '{option}'" + (f"; did you mean '{hint}'?" if hint else "")
+                + f" Available {group} options: {', '.join(available)}"
+            )
+
+
+def _key_error(exc: OmegaConfBaseException, cfg: DictConfig, prefix: str = "") -> ConfigError:
+    full_key = f"{prefix}{exc.full_key}" if exc.full_key else prefix.rstrip(".")
+    parent_path, _, leaf = full_key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    valid = list(parent.keys()) if isinstance(parent, DictConfig) else []
+    if "not in" in exc.msg or "not found" in exc.msg:
+        hint = nearest(leaf, [str(k) for k in valid])
+        fix = f"did you mean '{parent_path + '.' if parent_path else ''}{hint}'?" if hint else (
+            f"valid keys here: {', '.join(map(str, valid))}")
+        return ConfigError(f"unknown config key '{full_key}'; {fix}")
+    return ConfigError(f"bad value for config key '{full_key}': {exc.msg.splitlines()[0]}")
+
+
+def _typed_section(group: str, section: Any) -> DictConfig:
+    table = SECTION_REGISTRIES[group]
+    if not isinstance(section, DictConfig) or "name" not in section:
+        raise ConfigError(f"config section '{group}' needs a 'name' naming a registered {table.kind}; "
+                          f"choose one with {group}=<option> (options: {', '.join(groups().get(group, []))})")
+    entry = table.entry(section.name)
+    if entry.schema is None:
+        return section
+    typed = OmegaConf.structured(entry.schema)
+    try:
+        return OmegaConf.merge(typed, section)
+    except OmegaConfBaseException as exc:
+        raise _key_error(exc, typed, prefix=f"{group}.") from None
+
+
+def validate(raw: DictConfig) -> DictConfig:
+    """Merge a composed config into the typed schemas; raise ConfigError on the first bad key."""
+    root = OmegaConf.structured(RootConfig)
+    raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))  # plain, editable, interpolations kept
+    sections = {}
+    for group in SECTION_REGISTRIES:
+        if group in raw:
+            sections[group] = raw.pop(group)
+    try:
+        root = OmegaConf.merge(root, raw)
+    except OmegaConfBaseException as exc:
+        raise _key_error(exc, root) from None
+    for group, section in sections.items():
+        root[group] = _typed_section(group, section)
+    missing = [g for g in SECTION_REGISTRIES if OmegaConf.is_missing(root, g)]
+    if missing:
+        raise ConfigError(f"no {missing[0]} chosen; add {missing[0]}=<option> "
+                          f"(options: {', '.join(groups().get(missing[0], []))})")
+    OmegaConf.set_struct(root, True)
+    return root
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Compose `configs/config.yaml` with the command-line overrides; return the validated config."""
+    overrides = list(overrides)
+    registry.load_plugins()
+    choices, keys, plugins = _split(overrides)
+    registry.load_plugins(plugins)  # before the choices are checked: plugins add options
+    _check_choices(choices)
+    try:
+        raw = compose(config_name="config", overrides=choices)
+    except HydraException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
+    cfg = validate(raw)
+    for key, value, _ in keys:
+        if key.startswith(("+", "~")):
+            raise ConfigError(f"'{key}': adding or deleting keys is not supported; every key has a schema")
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException as exc:
+            raise _key_error(exc, cfg) from None
+    if any(k.split(".")[0] in SECTION_REGISTRIES and k.endswith(".name") for k, _, _ in keys):
+        cfg = validate(cfg)  # a section switched entries: check it against its new schema
+    registry.load_plugins(cfg.plugins)
+    unset = sorted(OmegaConf.missing_keys(cfg))
+    if unset:
+        raise ConfigError(f"config key '{unset[0]}' has no value; set it on the command line: {unset[0]}=...")
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise _key_error(exc, cfg) from None
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def from_container(data: dict[str, Any]) -> DictConfig:
+    """Rebuild a validated config in another process (spawned ranks, SLURM jobs)."""
+    registry.load_plugins(data.get("plugins", []))
+    return validate(OmegaConf.create(data))

@@ -1,0 +1,161 @@
+"""The core's datasets: embedded real photos, ImageFolder, a flat folder of images, synthetic noise.
+
+Every dataset maps a key `(epoch, index)` to a sample made by `transform(pil_image, generator)`, with the
+generator seeded from (seed, epoch, index): samples are reproducible and a resumed run sees the same data.
+Unreadable images are skipped (the next readable one is used), counted in the sample's `skipped_images`
+and reported once per file on stderr; they never stop a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from omegaconf import MISSING
+from PIL import Image, UnidentifiedImageError
+
+from ssl_zoo.registry import DATASETS
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# the colour photographs inside scikit-image's wheel (its other bundled images are greyscale or synthetic)
+EMBEDDED_PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
+                   "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg")
+
+Transform = Callable[[Image.Image, torch.Generator], dict[str, Any]]
+
+
+def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Images read from files; `load(i)` may be overridden (the embedded photos are cached in memory)."""
+
+    def __init__(self, paths: list[Path], transform: Transform, seed: int, length: Optional[int] = None) -> None:
+        if not paths:
+            raise ValueError("the dataset has no images: check data.root (accepted suffixes: "
+                             f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.paths = paths
+        self.transform = transform
+        self.seed = seed
+        self.length = length or len(paths)
+        self._reported: set[Path] = set()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def load(self, i: int) -> Image.Image:
+        with Image.open(self.paths[i]) as img:
+            return img.convert("RGB")
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        skipped = 0
+        for attempt in range(len(self.paths)):
+            i = (index + attempt) % len(self.paths)
+            try:
+                img = self.load(i)
+                break
+            except (OSError, UnidentifiedImageError, ValueError) as exc:
+                skipped += 1
+                if self.paths[i] not in self._reported:
+                    self._reported.add(self.paths[i])
+                    log.warning("skipping unreadable image %s (%s)", self.paths[i], exc)
+        else:
+            raise RuntimeError(f"none of the {len(self.paths)} images could be read")
+        sample = self.transform(img, sample_generator(self.seed, epoch, index))
+        sample["skipped_images"] = torch.tensor(skipped)
+        return sample
+
+
+class EmbeddedPhotos(ImageDataset):
+    def load(self, i: int) -> Image.Image:
+        if not hasattr(self, "_cache"):
+            self._cache: dict[int, Image.Image] = {}
+        if i not in self._cache:
+            self._cache[i] = super().load(i)
+        return self._cache[i]
+
+
+class SyntheticImages(torch.utils.data.Dataset):
+    def __init__(self, size: int, length: int, transform: Transform, seed: int) -> None:
+        self.size, self.length, self.transform, self.seed = size, length, transform, seed
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        gen = sample_generator(self.seed, *key)
+        pixels = torch.randint(0, 256, (self.size, self.size, 3), generator=gen, dtype=torch.uint8)
+        sample = self.transform(Image.fromarray(pixels.numpy()), gen)
+        sample["skipped_images"] = torch.tensor(0)
+        return sample
+
+
+def list_images(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root '{root}' is not a directory; point data.root at your images")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@dataclasses.dataclass
+class EmbeddedConfig:
+    name: str = "embedded"
+    image_size: int = 64
+    samples_per_epoch: int = 1024
+    num_workers: int = 1
+
+
+@dataclasses.dataclass
+class FolderConfig:
+    name: str = "flat_folder"
+    root: str = MISSING
+    image_size: int = 224
+    num_workers: int = 4
+
+
+@dataclasses.dataclass
+class SyntheticConfig:
+    name: str = "synthetic"
+    image_size: int = 224
+    samples_per_epoch: int = 4096
+    num_workers: int = 0
+
+
+@DATASETS.register("embedded", schema=EmbeddedConfig)
+def build_embedded(section: Any, transform: Transform, seed: int) -> ImageDataset:
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    return EmbeddedPhotos([folder / n for n in EMBEDDED_PHOTOS], transform, seed, section.samples_per_epoch)
+
+
+@DATASETS.register("flat_folder", schema=FolderConfig)
+def build_flat_folder(section: Any, transform: Transform, seed: int) -> ImageDataset:
+    return ImageDataset(list_images(Path(section.root).expanduser()), transform, seed)
+
+
+@DATASETS.register("image_folder", schema=FolderConfig)
+def build_image_folder(section: Any, transform: Transform, seed: int) -> ImageDataset:
+    """ImageNet layout; the class sub-folders are the labels, which evaluation (not pretraining) uses."""
+    root = Path(section.root).expanduser()
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise FileNotFoundError(f"data.root '{root}' has no class sub-folders (ImageNet layout: root/<class>/<image>)"
+                                "; for a folder of unlabeled images use data=flat_folder")
+    paths = list_images(root)
+    dataset = ImageDataset(paths, transform, seed)
+    dataset.labels = [classes.index(p.relative_to(root).parts[0]) for p in paths]
+    dataset.classes = classes
+    return dataset
+
+
+@DATASETS.register("synthetic", schema=SyntheticConfig)
+def build_synthetic(section: Any, transform: Transform, seed: int) -> SyntheticImages:
+    return SyntheticImages(section.image_size, section.samples_per_epoch, transform, seed)

@@ -1,0 +1,70 @@
+"""Where training progress goes: `metrics.jsonl`, TensorBoard, and a progress bar or log lines.
+
+Only rank 0 writes. On resume, lines for steps after the checkpoint (logged by the killed run before it
+died) are dropped, so the file reads as if the run had never stopped.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from tqdm import tqdm
+
+#: keys that depend on wall-clock time; everything else in a metrics line is reproducible
+TIMING_KEYS = ("time_s", "images_per_s")
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, start_step: int, max_steps: int, enabled: bool,
+                 progress: Optional[bool] = None) -> None:
+        self.enabled = enabled
+        self.path = output_dir / "metrics.jsonl"
+        self.last: dict[str, Any] = {}
+        self._t0 = time.perf_counter()
+        self._tb = None
+        self._bar = None
+        if not enabled:
+            return
+        self._truncate_after(start_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(str(output_dir / "tensorboard"), purge_step=start_step + 1)
+        show_bar = sys.stderr.isatty() if progress is None else progress
+        if show_bar:
+            self._bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        lines = [line for line in self.path.read_text().splitlines()
+                 if line.strip() and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in lines))
+        self.last = json.loads(lines[-1]) if lines else {}
+
+    def progress(self, step: int, loss: float, images_per_s: float) -> None:
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: round(float(v), 7) if k in TIMING_KEYS else float(v)
+                                    for k, v in values.items()}}
+        self.last = record
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is None:
+            shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
+            print(f"step {step}: {shown}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()

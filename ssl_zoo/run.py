@@ -1,0 +1,114 @@
+"""Train a self-supervised method: `python -m ssl_zoo.run method=<name> [group=option ...] [a.b.c=value ...]`.
+
+Run with `--help` for the config groups and their options, `--print-config` for the resolved config.
+Running the same command again with the same `output_dir` resumes from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ssl_zoo import config as config_lib
+from ssl_zoo.config import ConfigError, TrainerConfig
+from ssl_zoo.registry import LAUNCHERS, METHODS, PluginImportError, RegistryError, load_plugins
+
+USER_ERRORS = (ConfigError, RegistryError, PluginImportError, FileNotFoundError)
+
+
+def _plugin_overrides(argv: list[str]) -> list[str]:
+    """The modules of a `plugins=[a,b]` argument, so `--help` lists what they register."""
+    for arg in argv:
+        if arg.startswith("plugins="):
+            return [m.strip() for m in arg.partition("=")[2].strip("[]").split(",") if m.strip()]
+    return []
+
+
+def help_text() -> str:
+    lines = [
+        "usage: python -m ssl_zoo.run method=NAME [GROUP=OPTION ...] [KEY=VALUE ...] [--print-config]",
+        "",
+        "Train a self-supervised method from composed YAML configs; rerunning with the same output_dir resumes.",
+        "",
+        "config groups (GROUP=OPTION):",
+    ]
+    for group, options in config_lib.groups().items():
+        lines.append(f"  {group:<12} {', '.join(options) or '(none)'}")
+    lines += ["", "common keys (KEY=VALUE):", "  output_dir   run directory (default runs/<method name>)",
+              "  seed         global seed (default 0)", "  plugins      [module, ...] to import for their registrations"]
+    for field in TrainerConfig.__dataclass_fields__.values():
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        lines.append(f"  trainer.{field.name:<22} default {default}")
+    lines += ["", "flags:", "  --print-config   print the resolved config and exit", "  -h, --help       this text",
+              "", "examples:", "  python -m ssl_zoo.run method=peco",
+              "  python -m ssl_zoo.run method=peco model=vit_small trainer.max_steps=1000 output_dir=runs/small"]
+    return "\n".join(lines)
+
+
+def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]]:
+    """Compose every stage's config first (so a bad key fails before any work), then run them in order."""
+    cfg = config_lib.load_config(overrides)
+    stages = METHODS.get(cfg.method.name).stages(cfg)
+    plan: list[tuple[str | None, DictConfig]] = [(None, cfg)]
+    if stages:
+        plan = [(s.name, config_lib.load_config([*overrides, *s.overrides, f"output_dir={cfg.output_dir}/{s.name}"]))
+                for s in stages]
+    if print_config:
+        for name, stage_cfg in plan:
+            print(f"# stage: {name}" if name else "# config", config_lib.to_yaml(stage_cfg), sep="\n")
+        return []
+    summaries = []
+    for i, (name, stage_cfg) in enumerate(plan):
+        if name:
+            print(f"== stage {i + 1}/{len(plan)}: {name} -> {stage_cfg.output_dir}", flush=True)
+        summary = LAUNCHERS.build(stage_cfg.launcher, stage_cfg)
+        summaries.append({"stage": name, **(summary or {})})
+    return summaries
+
+
+def format_summary(summaries: list[dict[str, Any]]) -> str:
+    lines = ["", "== summary"]
+    for summary in summaries:
+        title = summary.get("stage") or summary.get("method", "run")
+        lines.append(f"[{title}]")
+        for key, value in summary.items():
+            if key != "stage" and value not in (None, [], ""):
+                shown = f"{value:.4g}" if isinstance(value, float) else value
+                lines.append(f"  {key:<20} {shown}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        try:
+            load_plugins(_plugin_overrides(argv))
+        except PluginImportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(help_text())
+        return 0
+    print_config = "--print-config" in argv
+    overrides = [a for a in argv if a != "--print-config"]
+    unknown_flags = [a for a in overrides if a.startswith("-")]
+    if unknown_flags:
+        print(f"error: unknown flag {unknown_flags[0]}; see --help", file=sys.stderr)
+        return 2
+    try:
+        summaries = run(overrides, print_config)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if summaries:
+        print(format_summary(summaries))
+        out = summaries[-1].get("output_dir")
+        if len(summaries) > 1 and out:
+            (Path(out).parent / "summary.json").write_text(json.dumps(summaries, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

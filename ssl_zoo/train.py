@@ -1,0 +1,150 @@
+"""`train(cfg)`: one training run on this rank, from a validated config. Every launcher ends up here.
+
+Set-up (device, process group, seeds, run directory), then the loop: take `accumulate` micro-batches, let the
+strategy take one optimiser step, log, checkpoint. If `output_dir` holds a complete checkpoint the run resumes
+from it: weights, optimiser, schedule, scaler, RNG states and data position, so it continues as an
+uninterrupted run would. At the end it writes the final checkpoint, the exported weights, pictures and
+`summary.json`, and returns the summary (on rank 0).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from ssl_zoo import config as config_lib
+from ssl_zoo.data.loader import make_loader
+from ssl_zoo.data.transforms import default_transform
+from ssl_zoo.engine import distributed as dist
+from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
+from ssl_zoo.engine.logger import MetricsLogger
+from ssl_zoo.engine.strategy import build_strategy
+from ssl_zoo.registry import DATASETS, METHODS
+
+log = logging.getLogger("ssl_zoo")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu")
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    trainer = cfg.trainer
+    device = pick_device(trainer.device)
+    dist.init(device)
+    rank, world = dist.rank(), dist.world_size()
+    out = Path(cfg.output_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
+
+    method_cls = METHODS.get(cfg.method.name)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+    method = method_cls(cfg)
+    strategy = build_strategy(cfg, method, device)
+    checkpoints = CheckpointManager(out, trainer.keep_checkpoints)
+    start_step, resumed_from = 0, checkpoints.latest()
+    if resumed_from is not None:
+        strategy.load(resumed_from)
+        start_step = checkpoints.load_trainer_state(resumed_from)["step"]
+        if rank == 0:
+            print(f"resuming from {resumed_from} (step {start_step})", flush=True)
+    else:
+        seed_everything(cfg.seed + rank)  # different dropout / drop-path draws per rank
+
+    transform = method_cls.make_transform(cfg) or default_transform(cfg.data.image_size)
+    dataset = DATASETS.build(cfg.data, transform, cfg.seed)
+    batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
+                          start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
+    logger = MetricsLogger(out, start_step, trainer.max_steps, enabled=rank == 0, progress=trainer.progress)
+    try:
+        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device)
+        summary = _finish(cfg, strategy, checkpoints, logger, last_batch, started, resumed_from)
+    finally:
+        logger.close()
+        dist.shutdown()
+    return summary
+
+
+def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
+          logger: MetricsLogger, start_step: int, device: torch.device) -> dict[str, Any] | None:
+    trainer = cfg.trainer
+    images_per_step = trainer.batch_size * trainer.accumulate * dist.world_size()
+    last_batch, skipped, tick = None, 0, time.perf_counter()
+    for step in range(start_step, trainer.max_steps):
+        micro = [to_device(next(batches), device) for _ in range(trainer.accumulate)]
+        skipped += sum(int(b.pop("skipped_images").sum()) for b in micro)
+        if step == 0:
+            strategy.method.on_train_start(micro[0])
+        result = strategy.step(micro, step)
+        last_batch = micro[-1]
+        done = step + 1
+        now = time.perf_counter()
+        images_per_s = images_per_step / max(now - tick, 1e-9)
+        tick = now
+        logger.progress(done, result.loss, images_per_s)
+        if done % trainer.log_every == 0 or done == trainer.max_steps:
+            values = dist.mean_over_ranks({"loss": result.loss, **result.metrics}, device)
+            if skipped:
+                values["skipped_images"] = skipped
+            logger.log(done, {**values, "images_per_s": images_per_s})
+        if trainer.visualize_every and done % trainer.visualize_every == 0 and dist.rank() == 0:
+            strategy.method.visualize(last_batch, Path(cfg.output_dir) / "pictures")
+        if done % trainer.checkpoint_every == 0 and done != trainer.max_steps:
+            checkpoints.save(done, strategy.save, {"step": done, "micro_batches": done * trainer.accumulate})
+    return last_batch
+
+
+def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logger: MetricsLogger,
+            last_batch: dict[str, Any] | None, started: float, resumed_from: Path | None) -> dict[str, Any]:
+    trainer, out = cfg.trainer, Path(cfg.output_dir)
+    final = checkpoints.latest()
+    if final is None or final.name != f"step-{trainer.max_steps:08d}":
+        final = checkpoints.save(trainer.max_steps, strategy.save,
+                                 {"step": trainer.max_steps, "micro_batches": trainer.max_steps * trainer.accumulate})
+    weights = strategy.full_state_dict()
+    if dist.rank() != 0:
+        return {}
+    method = strategy.method
+    save_safetensors(weights, out / "export" / "method.safetensors", {"method": cfg.method.name})
+    save_safetensors(method.backbone_state_dict(), out / "export" / "backbone.safetensors",
+                     {"method": cfg.method.name})
+    pictures = method.visualize(last_batch, out / "pictures") if last_batch is not None else []
+    summary = {
+        "method": cfg.method.name,
+        "steps": trainer.max_steps,
+        "final_loss": logger.last.get("loss"),
+        "wall_time_s": round(time.perf_counter() - started, 1),
+        "resumed_from": str(resumed_from) if resumed_from else None,
+        "output_dir": str(out),
+        "checkpoint": str(final),
+        "export": str(out / "export"),
+        "pictures": [str(p) for p in pictures],
+        **method.summary(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,49 @@
+"""A tiny method that lives outside the package, loaded as a plugin: proves the core knows no method.
+
+It learns to reconstruct 8x8-pooled images through a small bottleneck with an MSE loss.
+"""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_zoo import BACKBONES, METHODS, Method, StepOutput
+
+POOLED_DIM = 3 * 8 * 8
+
+
+@dataclasses.dataclass
+class ToyBackboneConfig:
+    name: str = "toy_mlp"
+    hidden: int = 32
+    dropout: float = 0.1
+
+
+@BACKBONES.register("toy_mlp", schema=ToyBackboneConfig)
+def build_toy_mlp(section) -> nn.Module:
+    return nn.Sequential(nn.Linear(POOLED_DIM, section.hidden), nn.GELU(), nn.Dropout(section.dropout))
+
+
+@dataclasses.dataclass
+class ToyConfig:
+    name: str = "toy_autoencoder"
+
+
+@METHODS.register("toy_autoencoder", schema=ToyConfig)
+class ToyAutoencoder(Method):
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder = BACKBONES.build(cfg.model)
+        self.decoder = nn.Linear(cfg.model.hidden, POOLED_DIM)
+
+    def _pooled(self, images: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(images, 8).flatten(1)
+
+    def training_step(self, batch, step):
+        target = self._pooled(batch["image"])
+        loss = F.mse_loss(self.decoder(self.encoder(target)), target)
+        return StepOutput(loss, {"target_std": float(target.std())})
+
+    def extract_features(self, images):
+        return self.encoder(self._pooled(images))
