@@ -198,7 +198,8 @@ def masked_linear_cross_entropy(
         reduction: ``"mean"`` over the counted rows of the whole call (0 when none count, never NaN),
             ``"sum"``, or ``"none"``: one loss per selected row (shape of ``targets`` without a mask, the
             order of ``hidden[mask]`` with one), 0 on ignored rows.
-        impl: ``"auto"`` | ``"triton"`` | ``"torch"``, see :mod:`ssl_zoo_kernels.dispatch`.
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``, see :mod:`ssl_zoo_kernels.dispatch`. The Triton
+            kernel covers fp32 / bf16 / fp16; fp64 always takes the PyTorch path.
         return_accuracy: also return the share of counted rows whose first argmax is the target
             (fp32 0-dim tensor, 0 when none count).
         chunk_size: rows per logits chunk; None sizes a chunk to about 32 MB.
@@ -230,7 +231,7 @@ def masked_linear_cross_entropy(
     if t.numel() and not t.is_cuda and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
         raise IndexError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
 
-    if resolve_impl(impl, hidden.device) == "triton":
+    if resolve_impl(impl, hidden.device) == "triton" and hidden.dtype != torch.float64:
         from .linear_ce_triton import ce_chunk_triton
 
         chunk_op: ChunkOp = ce_chunk_triton

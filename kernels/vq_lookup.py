@@ -103,7 +103,8 @@ def vq_nearest(
         codebook: (K, D) codes on the same device.
         metric: ``"l2"`` picks the smallest squared Euclidean distance; ``"cosine"`` the largest cosine
             similarity (codes and queries are unit-normalised inside, so raw vectors are fine).
-        impl: ``"auto"`` | ``"triton"`` | ``"torch"``, see :mod:`ssl_zoo_kernels.dispatch`.
+        impl: ``"auto"`` | ``"triton"`` | ``"torch"``, see :mod:`ssl_zoo_kernels.dispatch`. The Triton
+            kernel covers fp32 / bf16 / fp16; fp64 (used by references) always takes the PyTorch path.
         chunk_size: query rows per chunk (PyTorch path); ``None`` keeps the tuned default.
 
     Returns:
@@ -113,7 +114,7 @@ def vq_nearest(
         EMA updates belong to the caller.
     """
     _check_inputs(z, codebook, metric)
-    if resolve_impl(impl, z.device) == "triton":
+    if resolve_impl(impl, z.device) == "triton" and z.dtype != torch.float64:
         from .vq_lookup_triton import vq_nearest_triton
 
         return vq_nearest_triton(z, codebook, metric)
