@@ -35,6 +35,23 @@ def _check_inputs(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
         raise ValueError(f"z is on {z.device} but codebook on {codebook.device}")
 
 
+def unique_codes(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop repeated codes, keeping each one's first occurrence in index order.
+
+    Identical codes do not always get bit-identical scores: BLAS kernels round edge tiles differently
+    from full ones, so a copy of the best code in a later tile could win by an ulp. Searching only the
+    first occurrences makes "duplicates resolve to the lowest index" hold by construction. Returns the
+    kept codes and their original indices (None when every code is unique, the common case).
+    """
+    _, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    if int(inverse.max()) + 1 == codes.shape[0]:
+        return codes, None
+    first = torch.full((codes.shape[0],), codes.shape[0], dtype=torch.int64, device=codes.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(codes.shape[0], device=codes.device), "amin")
+    keep = first[first < codes.shape[0]].sort().values
+    return codes.index_select(0, keep), keep
+
+
 @torch.no_grad()
 def vq_nearest_torch(
     z: torch.Tensor,
@@ -50,14 +67,13 @@ def vq_nearest_torch(
     """
     _check_inputs(z, codebook, metric)
     cdt = compute_dtype(z.dtype)
-    n, k = z.shape[0], codebook.shape[0]
-    code_tile = min(code_tile, k)
     e = codebook.to(cdt)
     if metric == "cosine":
         e = F.normalize(e, dim=1, eps=_EPS)
-        bias = None
-    else:
-        bias = e.square().sum(1)
+    e, original_index = unique_codes(e)
+    bias = None if metric == "cosine" else e.square().sum(1)
+    n, k = z.shape[0], e.shape[0]
+    code_tile = min(code_tile, k)
     e_t = e.t().contiguous()  # (D, K): each code tile is then a column block of one matrix
     n_tiles = -(-k // code_tile)
     indices = torch.empty(n, dtype=torch.int64, device=z.device)
@@ -86,6 +102,8 @@ def vq_nearest_torch(
             values[start : start + rows] = -best / zc.norm(dim=1).clamp_min(_EPS)
         else:
             values[start : start + rows] = (best + zc.square().sum(1)).clamp_min(0)
+    if original_index is not None:
+        indices = original_index[indices]
     return indices, values
 
 

@@ -4,8 +4,9 @@ Each program owns BLOCK_N query rows and streams the codebook in BLOCK_K tiles: 
 fp32 over BLOCK_D slices of the feature dimension, turns the tile into scores ``||e||^2 - 2 z.e``
 (``-z.e`` for cosine), and folds the tile's min / argmin into a running pair held in registers. A tile
 only replaces the running pick when strictly better, and within a tile the argmin takes the leftmost
-index, so ties go to the lowest code index, as on the PyTorch path. ``||e||^2`` (or the unit-normalised
-codebook) is prepared once per call on the host; ``||z||^2`` is added only to the final pick.
+index, so ties go to the lowest code index, as on the PyTorch path (exact duplicate codes are removed
+first, see ``vq_lookup.unique_codes``). ``||e||^2`` (or the unit-normalised codebook) is prepared once
+per call on the host; ``||z||^2`` is accumulated in the kernel and added only to the final pick.
 
 Autotuning is applied on GPUs only: ``@triton.autotune`` needs a driver, and the interpreter
 (``TRITON_INTERPRET=1``, used by the CPU tests) runs one fixed config. Under the interpreter bf16 / fp16
@@ -19,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .dispatch import triton_interpreted
+from .vq_lookup import unique_codes
 
 _EPS = 1e-12
 
@@ -87,7 +89,8 @@ def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> t
     e32 = codebook.float()
     if cosine:
         e32 = F.normalize(e32, dim=1, eps=_EPS)
-    e = e32.to(z.dtype).contiguous()
+    e, original_index = unique_codes(e32.to(z.dtype))
+    e = e.contiguous()
     e_sq = e.float().square().sum(1)  # of the codes as the kernel sees them (after the cast)
     n, d = z.shape
     k = e.shape[0]
@@ -107,4 +110,6 @@ def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> t
         _vq_assign_kernel[(triton.cdiv(n, 32),)](*args, **flags, BLOCK_N=32, BLOCK_K=32, BLOCK_D=block_d)
     else:
         _vq_assign_tuned[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](*args, **flags)
+    if original_index is not None:
+        indices = original_index[indices]
     return indices, values
