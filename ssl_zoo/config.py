@@ -53,7 +53,11 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 where the device supports it fast
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | a registered strategy
+    strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | deepspeed | a registered strategy
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1 (optimiser states), 2 (+ gradients) or 3 (+ parameters) sharded
+    offload_optimizer: bool = False  # deepspeed: optimiser states and step in CPU memory (ZeRO-Offload)
+    offload_params: bool = False  # deepspeed, zero_stage=3: parameters in CPU memory too
+    activation_checkpointing: bool = False  # recompute activations in backward (timm's set_grad_checkpointing)
     find_unused_parameters: bool = True
     log_every: int = 10
     checkpoint_every: int = 100

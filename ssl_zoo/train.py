@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from ssl_zoo import config as config_lib
 from ssl_zoo.data.loader import make_loader
-from ssl_zoo.data.transforms import default_transform
+from ssl_zoo.data.transforms import DefaultTransform
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
 from ssl_zoo.engine.logger import MetricsLogger
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     else:
         seed_everything(cfg.seed + rank)  # different dropout / drop-path draws per rank
 
-    transform = method_cls.make_transform(cfg) or default_transform(cfg.data.image_size)
+    transform = method_cls.make_transform(cfg) or DefaultTransform(cfg.data.image_size)
     dataset = DATASETS.build(cfg.data, transform, cfg.seed)
     batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
                           start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")

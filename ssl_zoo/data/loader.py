@@ -46,6 +46,9 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,
                 start: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank, world_size, start)
+    # its own generator: creating the iterator must not draw from the global RNG that the model's dropout
+    # uses, or a resumed run (which creates it at another point of that RNG's sequence) would diverge
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None)
+                        persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
+                        generator=torch.Generator().manual_seed(seed + rank))
     return iter(loader)

@@ -6,8 +6,6 @@ the same with any number of data-loader workers, and the same after a resume.
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -69,11 +67,13 @@ def crop_flip_view(
     return (TF.hflip(view) if flipped else view), box, flipped
 
 
-def default_transform(size: int, scale: tuple[float, float] = (0.2, 1.0)) -> Callable[[Image.Image, torch.Generator], dict]:
-    """One augmented, normalised view: `{"image": (3, size, size)}`."""
+class DefaultTransform:
+    """One augmented, normalised view: `{"image": (3, size, size)}`. A class, not a closure, so data-loader
+    workers started by spawn or forkserver can pickle it (method transforms must be picklable too)."""
 
-    def transform(img: Image.Image, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        view, _, _ = crop_flip_view(img, gen, size, scale)
+    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.size, self.scale = size, scale
+
+    def __call__(self, img: Image.Image, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        view, _, _ = crop_flip_view(img, gen, self.size, self.scale)
         return {"image": to_normalized_tensor(view)}
-
-    return transform

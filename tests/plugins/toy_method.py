@@ -3,6 +3,7 @@
 It learns to reconstruct 8x8-pooled images through a small bottleneck with an MSE loss.
 """
 import dataclasses
+import time
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,7 @@ def build_toy_mlp(section) -> nn.Module:
 @dataclasses.dataclass
 class ToyConfig:
     name: str = "toy_autoencoder"
+    step_delay_s: float = 0.0  # slows steps so a test can kill the run between two checkpoints
 
 
 @METHODS.register("toy_autoencoder", schema=ToyConfig)
@@ -36,11 +38,13 @@ class ToyAutoencoder(Method):
         super().__init__()
         self.encoder = BACKBONES.build(cfg.model)
         self.decoder = nn.Linear(cfg.model.hidden, POOLED_DIM)
+        self.step_delay_s = cfg.method.step_delay_s
 
     def _pooled(self, images: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(images, 8).flatten(1)
 
     def training_step(self, batch, step):
+        time.sleep(self.step_delay_s)
         target = self._pooled(batch["image"])
         loss = F.mse_loss(self.decoder(self.encoder(target)), target)
         return StepOutput(loss, {"target_std": float(target.std())})

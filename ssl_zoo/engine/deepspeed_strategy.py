@@ -1,0 +1,198 @@
+"""`trainer.strategy=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 behind the same Strategy interface.
+
+The DeepSpeed config is generated from the trainer section (batch size, accumulation, clipping, precision,
+ZeRO stage, offload), never written by hand, so the two cannot disagree; it is saved as
+`deepspeed_config.json` in the run directory. The optimiser and the lr schedule are ours (`build_optimizer`,
+`lr_factor`) handed to DeepSpeed, which steps and checkpoints them. Checkpoints are DeepSpeed's own shards,
+written into the directory the CheckpointManager gives (`<checkpoint>/zero/`), so the atomic `last` pointer
+and auto-resume work unchanged. `full_state_dict()` gathers ZeRO-3 shards into plain fp32 tensors; the
+`python -m ssl_zoo.export` tool does the same from a checkpoint without a process group.
+
+bf16 is DeepSpeed's `torch_autocast` mode: fp32 master weights in the module, matmuls in bf16. Unlike its
+`bf16` mode it casts no module and no input, so a method's frozen parts and fp32 targets work unchanged.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from ssl_zoo.engine import distributed as dist
+from ssl_zoo.engine.strategy import StepResult, build_optimizer, lr_factor, resolve_precision
+from ssl_zoo.method import Method
+from ssl_zoo.registry import METHODS, STRATEGIES
+
+#: sub-directory of a checkpoint that holds DeepSpeed's files, and the tag DeepSpeed files them under
+ZERO_DIR, ZERO_TAG = "zero", "state"
+
+
+def deepspeed_config(trainer: DictConfig, world_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed config implied by our trainer section, for `world_size` processes."""
+    if trainer.zero_stage not in (1, 2, 3):
+        raise ValueError(f"trainer.zero_stage must be 1, 2 or 3, got {trainer.zero_stage}")
+    if trainer.offload_params and trainer.zero_stage != 3:
+        raise ValueError("trainer.offload_params needs trainer.zero_stage=3 (only stage 3 partitions parameters)")
+    dtype = resolve_precision(trainer.precision, torch.device(device_type))
+    if dtype == torch.float16:
+        raise ValueError("trainer.precision=fp16 is not supported with DeepSpeed here: use bf16 (no loss scaling)")
+    pin = device_type == "cuda"
+    zero: dict[str, Any] = {"stage": trainer.zero_stage}
+    if trainer.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if trainer.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return {
+        "train_batch_size": trainer.batch_size * trainer.accumulate * world_size,
+        "train_micro_batch_size_per_gpu": trainer.batch_size,
+        "gradient_accumulation_steps": trainer.accumulate,
+        "gradient_clipping": float(trainer.grad_clip),
+        "zero_optimization": zero,
+        "torch_autocast": {"enabled": dtype == torch.bfloat16, "dtype": "bfloat16"},
+        "steps_per_print": 2**31 - 1,  # we log; DeepSpeed's own step prints would only duplicate it
+    }
+
+
+def _import_deepspeed(device: torch.device) -> Any:
+    """Import DeepSpeed for this device. On CPU, pin its accelerator to cpu (the choice is cached at first
+    import) and skip the shared-memory comm op, a C++ build at every init that only inference uses."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def enable_activation_checkpointing(module: torch.nn.Module) -> int:
+    """Turn on timm-style `set_grad_checkpointing` on every submodule that has it (the outermost ones); return
+    how many. A model without the hook cannot recompute activations, so asking for it is an error."""
+    found = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
+    outermost = [m for m in found if not any(m is not o and m in set(o.modules()) for o in found)]
+    if not outermost:
+        raise ValueError("trainer.activation_checkpointing=true, but no module of this method has "
+                         "set_grad_checkpointing (the timm convention); turn it off or add the hook")
+    for m in outermost:
+        m.set_grad_checkpointing(True)
+    return len(outermost)
+
+
+class DeepSpeedStrategy:
+    """One optimiser step per `step()` through a DeepSpeed engine; every rank calls every method."""
+
+    def __init__(self, cfg: DictConfig, method: Method, device: torch.device) -> None:
+        self.cfg, self.trainer, self.device = cfg, cfg.trainer, device
+        deepspeed = _import_deepspeed(device)
+        if not dist.is_initialized():  # one process: DeepSpeed would try MPI without these
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(dist.free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("LOCAL_RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+        if self.trainer.activation_checkpointing:
+            enable_activation_checkpointing(method)
+        self.ds_config = deepspeed_config(self.trainer, dist.world_size(), device.type)
+        if dist.rank() == 0:
+            out = Path(cfg.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
+        method = method.to(device)
+        if self.trainer.offload_optimizer:  # offloaded states need DeepSpeed's CPU Adam (a C++ build)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            torch_opt = build_optimizer(method, self.trainer)
+            optimizer = DeepSpeedCPUAdam(torch_opt.param_groups, lr=self.trainer.lr, betas=tuple(self.trainer.betas),
+                                         eps=self.trainer.eps, adamw_mode=True)
+        else:
+            optimizer = build_optimizer(method, self.trainer)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, self.trainer))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=method, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
+            dist_init_required=False)
+        self.method: Method = self.engine.module
+        self.stage3 = self.trainer.zero_stage == 3
+
+    def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
+        self.engine.train()
+        totals: dict[str, float] = {"lr": float(self.scheduler.get_last_lr()[0])}
+        for batch in micro_batches:
+            out = self.engine(batch, step)
+            if not torch.isfinite(out.loss):
+                raise FloatingPointError(f"loss is {out.loss.item()} at step {step}: lower trainer.lr, "
+                                         "check the data, or use trainer.precision=fp32")
+            self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
+            self.engine.step()  # a no-op except at the accumulation boundary
+            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
+                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None and self.trainer.grad_clip > 0:
+            totals["grad_norm"] = float(norm)
+        return StepResult(loss=totals.pop("loss"), metrics=totals)
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, save_latest=False)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory / ZERO_DIR}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank calls this (ZeRO-3 gathers collectively); full fp32 weights on every rank.
+
+        Under ZeRO-3 the live module holds only this rank's shard, so rank 0 also swaps `self.method` for a
+        plain copy holding the gathered weights: the end-of-run pictures and summary then run on rank 0 alone.
+        """
+        if not self.stage3:
+            return {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.method.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
+        if dist.rank() == 0:
+            plain = METHODS.get(self.cfg.method.name)(self.cfg)
+            plain.load_state_dict(state)
+            self.method = plain.to(self.device)
+        return state
+
+
+@STRATEGIES.register("deepspeed")
+def build_deepspeed_strategy(cfg: DictConfig, method: Method, device: torch.device) -> DeepSpeedStrategy:
+    return DeepSpeedStrategy(cfg, method, device)
+
+
+def count_parameters(module: torch.nn.Module) -> tuple[int, int, int]:
+    """(trainable, frozen, largest layer's own) parameter counts: what DeepSpeed's estimators take."""
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in module.modules()), default=0)
+    return trainable, frozen, largest
+
+
+def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str, Any]:
+    """Per-GPU and per-node memory for the model states (weights, gradients, Adam) under the configured ZeRO
+    stage and offload, from DeepSpeed's estimators. The method is built on the meta device: no memory, no
+    GPU. Activations come on top and depend on batch size and activation checkpointing."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    with torch.device("meta"):
+        method = METHODS.get(cfg.method.name)(cfg)
+    trainable, frozen, largest = count_parameters(method)
+    trainer, gpus = cfg.trainer, max(1, gpus_per_node)
+    if trainer.zero_stage == 3:
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            trainable, largest, gpus, nodes, cpu_offload=trainer.offload_optimizer,
+            cpu_offload_params=trainer.offload_params, zero_init=False)
+    else:  # stage 1 shards the optimiser states as stage 2 does; its gradients are not, hence a lower bound
+        cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=trainer.offload_optimizer)
+    frozen_bytes = 0 if trainer.offload_params else 4 * frozen  # frozen parts (a tokenizer) stay whole, fp32
+    return {"trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
+            "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": (gpu + frozen_bytes) / 2**30,
+            "cpu_gib_per_node": cpu / 2**30}
