@@ -80,6 +80,14 @@ def assert_close(actual, expected, rtol: float, atol: float, msg: str) -> None:
     torch.testing.assert_close(actual.double().cpu(), expected.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{msg}: {m}")
 
 
+def assert_close_to_scale(actual, expected, tol: float, msg: str) -> None:
+    """Max abs error at most ``tol`` times the largest |expected|: the fair check for half-precision
+    results, whose rounding error follows the tensor's scale rather than each (possibly tiny) element."""
+    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item() if expected.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert err <= tol * max(scale, 1e-12), f"{msg}: max error {err:.3g} vs scale {scale:.3g} (tol {tol})"
+
+
 class _LargestTensor(TorchDispatchMode):
     """Records the largest number of elements of any tensor an op returns while active."""
 
