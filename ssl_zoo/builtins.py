@@ -4,3 +4,4 @@ import ssl_zoo.data.datasets  # noqa: F401
 import ssl_zoo.engine.deepspeed_strategy  # noqa: F401
 import ssl_zoo.engine.strategy  # noqa: F401
 import ssl_zoo.launch.local  # noqa: F401
+import ssl_zoo.launch.slurm  # noqa: F401

@@ -13,7 +13,7 @@ import logging
 import random
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,6 +29,15 @@ from ssl_zoo.engine.strategy import build_strategy
 from ssl_zoo.registry import DATASETS, METHODS
 
 log = logging.getLogger("ssl_zoo")
+
+
+class Preempted(Exception):
+    """Raised by `train` once the checkpoint asked for by `should_stop` is complete: the job may now exit and
+    be requeued; a rerun resumes from exactly this step."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped on request after saving the checkpoint of step {step}")
+        self.step = step
 
 
 def pick_device(name: str) -> torch.device:
@@ -51,7 +60,9 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dict[str, Any]:
+    """Train on this rank. `should_stop` (a preemption flag, see ssl_zoo/launch/slurm.py) is polled after
+    every step; once any rank sees it, all ranks save a checkpoint together and raise `Preempted`."""
     started = time.perf_counter()
     trainer = cfg.trainer
     device = pick_device(trainer.device)
@@ -82,7 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
     logger = MetricsLogger(out, start_step, trainer.max_steps, enabled=rank == 0, progress=trainer.progress)
     try:
-        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device)
+        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device, should_stop)
         summary = _finish(cfg, strategy, checkpoints, logger, last_batch, started, resumed_from)
     finally:
         logger.close()
@@ -91,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
-          logger: MetricsLogger, start_step: int, device: torch.device) -> dict[str, Any] | None:
+          logger: MetricsLogger, start_step: int, device: torch.device,
+          should_stop: Callable[[], bool] | None) -> dict[str, Any] | None:
     trainer = cfg.trainer
     images_per_step = trainer.batch_size * trainer.accumulate * dist.world_size()
     last_batch, skipped, tick = None, 0, time.perf_counter()
@@ -114,8 +126,15 @@ def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], che
             logger.log(done, {**values, "images_per_s": images_per_s})
         if trainer.visualize_every and done % trainer.visualize_every == 0 and dist.rank() == 0:
             strategy.method.visualize(last_batch, Path(cfg.output_dir) / "pictures")
-        if done % trainer.checkpoint_every == 0 and done != trainer.max_steps:
+        periodic = done % trainer.checkpoint_every == 0
+        if periodic and done != trainer.max_steps:
             checkpoints.save(done, strategy.save, {"step": done, "micro_batches": done * trainer.accumulate})
+        # ranks may see the signal at different steps: the max over ranks makes them stop at the same one
+        if should_stop is not None and done != trainer.max_steps and \
+                dist.mean_over_ranks({"stop": float(should_stop())}, device)["stop"] > 0:
+            if not periodic:
+                checkpoints.save(done, strategy.save, {"step": done, "micro_batches": done * trainer.accumulate})
+            raise Preempted(done)
     return last_batch
 
 
