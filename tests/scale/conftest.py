@@ -1,0 +1,53 @@
+"""Fixtures of the scale tests: the markers, a runner for `python -m ssl_zoo.run` in a child process (so every
+run gets a fresh process group and DeepSpeed accelerator), and a real one-node SLURM cluster for the session."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SLURM_SCRIPTS = REPO.parent / "shared" / "slurm"
+#: a small, fast toy run on CPU (the toy method is a plugin outside the package)
+TOY = ["plugins=[tests.plugins.toy_method]", "method=toy_autoencoder", "model=toy_mlp", "trainer.device=cpu",
+       "trainer.batch_size=8", "trainer.log_every=1", "data.image_size=32", "data.samples_per_epoch=64",
+       "data.num_workers=0", "trainer.warmup_steps=2", "trainer.lr=3e-3"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "deepspeed: DeepSpeed ZeRO runs on CPU with 2 processes over gloo")
+    config.addinivalue_line("markers", "slurm: jobs on a real one-node SLURM cluster started by the session")
+
+
+def child_env() -> dict[str, str]:
+    """DeepSpeed on CPU without its just-in-time C++ builds: accelerator pinned, one extension folder."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu",
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", "/tmp/ssl_zoo_torch_extensions")}
+
+
+def run_zoo(*overrides: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "ssl_zoo.run", *overrides], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+@pytest.fixture(scope="session")
+def slurm_partition() -> str:
+    """Start the local SLURM cluster (unless one already answers) and stop it after the session."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start the local SLURM cluster")
+    if not (SLURM_SCRIPTS / "start-local-slurm.sh").is_file():
+        pytest.skip(f"needs the local SLURM scripts at {SLURM_SCRIPTS}")
+    running = shutil.which("scontrol") is not None and subprocess.run(
+        ["scontrol", "ping"], capture_output=True, text=True).stdout.count("UP") > 0
+    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start-local-slurm.sh")], capture_output=True,
+                             text=True, timeout=900)
+    assert started.returncode == 0, f"the local SLURM cluster did not start:\n{started.stderr[-3000:]}"
+    yield started.stdout.strip().splitlines()[-1]
+    if not running:
+        subprocess.run(["bash", str(SLURM_SCRIPTS / "stop-local-slurm.sh")], capture_output=True, timeout=300)
