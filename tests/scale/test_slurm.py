@@ -1,0 +1,76 @@
+"""`launcher=slurm` against a real one-node SLURM cluster: a run, a 2-task DDP job, a preempted job's requeue."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.scale.conftest import TOY, run_zoo
+
+pytestmark = pytest.mark.slurm
+
+
+def _slurm(tmp_path: Path, partition: str, *extra: str) -> list[str]:
+    return [*TOY, "launcher=slurm", f"launcher.partition={partition}", "launcher.mem_gb=4",
+            f"output_dir={tmp_path / 'run'}", *extra]
+
+
+def _attempts(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+
+
+def test_single_task_job_completes(slurm_partition: str, tmp_path: Path) -> None:
+    proc = run_zoo(*_slurm(tmp_path, slurm_partition, "trainer.max_steps=12"))
+    run = tmp_path / "run"
+    assert "submitted SLURM job" in proc.stdout and "tail -f" in proc.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 12 and (run / "export" / "method.safetensors").is_file()
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
+    assert [a["outcome"] for a in _attempts(run)] == ["finished"]
+
+
+def test_two_task_job_trains_with_ddp(slurm_partition: str, tmp_path: Path) -> None:
+    run_zoo(*_slurm(tmp_path, slurm_partition, "launcher.tasks_per_node=2", "trainer.max_steps=8"))
+    run = tmp_path / "run"
+    (attempt,) = _attempts(run)
+    assert attempt["world_size"] == 2 and attempt["outcome"] == "finished"
+    logs = sorted((run / "slurm").glob("*_log.out"))
+    assert len(logs) == 2  # one log per task: both ranks ran
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_partition: str, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    proc = run_zoo(*_slurm(tmp_path, slurm_partition, "launcher.tasks_per_node=2", "launcher.wait=false",
+                           "method.step_delay_s=0.4", "trainer.max_steps=30", "trainer.checkpoint_every=100"))
+    job_id = next(line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("submitted SLURM job"))
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 6):
+        assert time.time() < deadline, "the job did not start training"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what SLURM sends on preemption
+    deadline = time.time() + 300
+    while not (run / "summary.json").exists():
+        assert time.time() < deadline, "the job did not finish after the requeue"
+        time.sleep(1)
+    first, second = _attempts(run)
+    assert first["outcome"] == "preempted" and first["restart"] == 0 and 6 <= first["last_step"] < 30
+    assert second["outcome"] == "finished" and second["restart"] == 1
+    assert second["first_step"] == first["last_step"]  # resumed from the checkpoint written on the signal
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 31))
+    # the log of each attempt: the second ran only the steps after the checkpoint, none before it again
+    log = (run / "slurm" / f"{job_id}_0_log.out").read_text()
+    checkpoint = run / "checkpoints" / f"step-{first['last_step']:08d}"
+    assert f"resuming from {checkpoint}" in log
+    attempt_logs = log.split("resuming from")
+    ran_before = [int(line.split()[1].rstrip(":")) for line in attempt_logs[0].splitlines() if line.startswith("step ")]
+    ran_after = [int(line.split()[1].rstrip(":")) for line in attempt_logs[1].splitlines() if line.startswith("step ")]
+    assert ran_before == list(range(1, first["last_step"] + 1))
+    assert ran_after == list(range(first["last_step"] + 1, 31))
+    assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(checkpoint)
