@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.strategy import StepResult, build_optimizer, lr_factor, resolve_precision
 from ssl_zoo.method import Method
-from ssl_zoo.registry import METHODS, STRATEGIES
+from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
 
 #: sub-directory of a checkpoint that holds DeepSpeed's files, and the tag DeepSpeed files them under
 ZERO_DIR, ZERO_TAG = "zero", "state"
@@ -183,8 +183,11 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     with torch.device("meta"):
-        method = METHODS.get(cfg.method.name)(cfg)
-    trainable, frozen, largest = count_parameters(method)
+        try:
+            network, built = METHODS.get(cfg.method.name)(cfg), "method"
+        except FileNotFoundError:  # an input of the method (a stage-1 export) is not there yet: the backbone
+            network, built = BACKBONES.build(cfg.model), "backbone only"
+    trainable, frozen, largest = count_parameters(network)
     trainer, gpus = cfg.trainer, max(1, gpus_per_node)
     if trainer.zero_stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
@@ -193,6 +196,6 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
     else:  # stage 1 shards the optimiser states as stage 2 does; its gradients are not, hence a lower bound
         cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=trainer.offload_optimizer)
     frozen_bytes = 0 if trainer.offload_params else 4 * frozen  # frozen parts (a tokenizer) stay whole, fp32
-    return {"trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
+    return {"counted": built, "trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
             "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": (gpu + frozen_bytes) / 2**30,
             "cpu_gib_per_node": cpu / 2**30}

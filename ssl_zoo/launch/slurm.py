@@ -188,7 +188,8 @@ def describe(section: DictConfig, configs: list[DictConfig], params: dict[str, A
             lines += ["# DeepSpeed config (saved as deepspeed_config.json in the run directory)",
                       json.dumps(deepspeed_config(trainer, world, device), indent=2)]
             est = estimate_memory(cfg, section.nodes, section.tasks_per_node)
-            lines.append(f"# model states, ZeRO-{est['zero_stage']}: {est['trainable_params'] / 1e6:.1f} M trainable + "
+            lines.append(f"# model states ({est['counted']}), ZeRO-{est['zero_stage']}: "
+                         f"{est['trainable_params'] / 1e6:.1f} M trainable + "
                          f"{est['frozen_params'] / 1e6:.1f} M frozen parameters -> {est['gpu_gib_per_gpu']:.2f} GiB "
                          f"per GPU, {est['cpu_gib_per_node']:.1f} GiB CPU per node (DeepSpeed's estimator; "
                          "activations come on top)")
