@@ -1,12 +1,19 @@
-"""Nearest-codebook lookup for vector quantisation: ``vq_nearest`` and its chunked PyTorch path.
+"""Nearest-codebook lookup for vector quantisation: ``vq_nearest`` and its CPU paths.
 
-The N x K score matrix of a PeCo tokenizer batch is 13 GB in fp32, so no path here builds it. The
-PyTorch path walks the queries in row chunks and the codebook in code tiles, so one score tile
-(``chunk_size x code_tile`` fp32, 4 MB by default) stays in cache while it is reduced to a per-tile
-min/argmin; that cache reuse is what lets it beat a single big matmul (and faiss-cpu's IndexFlatL2,
-see benchmarks/RESULTS.md) on CPU. The Triton path (``vq_lookup_triton``) applies the same idea inside
-one kernel. Both score ``||e||^2 - 2 z.e`` (``||z||^2`` is constant per row, added back only to the
-picked distance) and break ties towards the lowest code index.
+The N x K score matrix of a PeCo tokenizer batch is 13 GB in fp32, so no path here builds it.
+
+- PyTorch path (:func:`vq_nearest_torch`): walks the queries in row chunks and the codebook in code
+  tiles, reducing each ``chunk_size x code_tile`` score tile to a per-tile min/argmin, so memory is bounded
+  by the tile whatever N is.
+- faiss path (:func:`vq_nearest_faiss`): exact ``IndexFlatL2`` / ``IndexFlatIP`` search. On CPU,
+  ``vq_nearest`` uses it whenever faiss-cpu imports: it is at least as fast as the tiled PyTorch path on an
+  idle machine and several times faster on a busy one, where each of the PyTorch path's many small
+  OpenMP regions waits for a preempted thread (benchmarks/RESULTS.md has both).
+- Triton path (``vq_lookup_triton``): the same tiling inside one kernel, for CUDA tensors.
+
+All of them score ``||e||^2 - 2 z.e`` (``||z||^2`` is constant per row and only added to the pick) and
+give ties to the lowest code index; exact duplicate codes are removed first (:func:`unique_codes`)
+because BLAS does not always give identical codes bit-identical scores.
 """
 from __future__ import annotations
 
@@ -14,6 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import resolve_impl
+
+try:  # optional peer library; the PyTorch path covers its absence
+    import faiss
+except ImportError:  # pragma: no cover - depends on the environment
+    faiss = None
 
 METRICS = ("l2", "cosine")
 _EPS = 1e-12  # floor of a norm before dividing by it (F.normalize uses the same)
@@ -57,13 +69,15 @@ def vq_nearest_torch(
     z: torch.Tensor,
     codebook: torch.Tensor,
     metric: str = "l2",
-    chunk_size: int = 1024,
+    chunk_size: int = 4096,
     code_tile: int = 1024,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked PyTorch lookup; see :func:`vq_nearest` for the contract.
 
-    Memory beyond the outputs: one ``chunk_size x code_tile`` score tile plus
-    ``2 x chunk_size x ceil(K / code_tile)`` per-tile minima, whatever N is.
+    Memory beyond the outputs: one ``chunk_size x code_tile`` score tile (16 MB by default) plus
+    ``2 x chunk_size x ceil(K / code_tile)`` per-tile minima, whatever N is. Smaller tiles (1024 x 1024)
+    stay in cache and win on an idle CPU; the default makes fewer, larger BLAS calls, which is what
+    holds up when other processes compete for the cores.
     """
     _check_inputs(z, codebook, metric)
     cdt = compute_dtype(z.dtype)
@@ -107,6 +121,42 @@ def vq_nearest_torch(
     return indices, values
 
 
+@torch.no_grad()
+def vq_nearest_faiss(
+    z: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", block: int = 32768
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact faiss-cpu search (fp32), same contract as :func:`vq_nearest`; needs faiss and CPU tensors.
+
+    Queries go to faiss in blocks of ``block`` rows, so a non-fp32 ``z`` is converted one block at a
+    time; faiss itself scores 4096 x 1024 tiles, so its scratch is 16 MB whatever N is. For k=1 faiss
+    keeps a pick unless a later code is strictly better, which is the lowest-index tie rule.
+    """
+    _check_inputs(z, codebook, metric)
+    if faiss is None:
+        raise RuntimeError("faiss-cpu is not installed")
+    if z.device.type != "cpu":
+        raise ValueError("the faiss path takes CPU tensors")
+    e = codebook.float()
+    if metric == "cosine":
+        e = F.normalize(e, dim=1, eps=_EPS)
+    e, original_index = unique_codes(e)
+    index = faiss.IndexFlatIP(e.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(e.shape[1])
+    index.add(e.contiguous().numpy())
+    indices = torch.empty(z.shape[0], dtype=torch.int64)
+    values = torch.empty(z.shape[0], dtype=torch.float32)
+    for start in range(0, z.shape[0], block):
+        zc = z[start : start + block].float().contiguous()
+        dist, idx = index.search(zc.numpy(), 1)
+        indices[start : start + zc.shape[0]] = torch.from_numpy(idx[:, 0])
+        val = torch.from_numpy(dist[:, 0])
+        if metric == "cosine":
+            val = val / zc.norm(dim=1).clamp_min(_EPS)
+        values[start : start + zc.shape[0]] = val.clamp_min(0) if metric == "l2" else val
+    if original_index is not None:
+        indices = original_index[indices]
+    return indices, values
+
+
 def vq_nearest(
     z: torch.Tensor,
     codebook: torch.Tensor,
@@ -123,7 +173,8 @@ def vq_nearest(
             similarity (codes and queries are unit-normalised inside, so raw vectors are fine).
         impl: ``"auto"`` | ``"triton"`` | ``"torch"``, see :mod:`ssl_zoo_kernels.dispatch`. The Triton
             kernel covers fp32 / bf16 / fp16; fp64 (used by references) always takes the PyTorch path.
-        chunk_size: query rows per chunk (PyTorch path); ``None`` keeps the tuned default.
+            ``"torch"`` on CPU means faiss when it imports (fp32 search), else the tiled PyTorch path.
+        chunk_size: query rows per chunk of the tiled PyTorch path; ``None`` keeps the default.
 
     Returns:
         ``(indices, values)``: int64 (N,) code indices, ties resolved to the lowest index, and for each
@@ -136,4 +187,6 @@ def vq_nearest(
         from .vq_lookup_triton import vq_nearest_triton
 
         return vq_nearest_triton(z, codebook, metric)
-    return vq_nearest_torch(z, codebook, metric, chunk_size=chunk_size or 1024)
+    if faiss is not None and z.device.type == "cpu" and z.dtype != torch.float64:
+        return vq_nearest_faiss(z, codebook, metric)
+    return vq_nearest_torch(z, codebook, metric, chunk_size=chunk_size or 4096)

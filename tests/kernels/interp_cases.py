@@ -17,8 +17,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from ssl_zoo_kernels import linear_ce_triton, masked_linear_cross_entropy, vq_nearest  # noqa: E402
 
-from .references import (assert_close, assert_close_to_scale, check_picks, fresh_seed,  # noqa: E402
-                         random_ce_problem, reference_ce, upstream_grad)
+from .references import (assert_close, assert_close_to_scale, check_picks, exact_tie_problem,  # noqa: E402
+                         fresh_seed, random_ce_problem, reference_ce, upstream_grad)
 
 HALF = (torch.bfloat16, torch.float16)
 
@@ -45,6 +45,13 @@ def test_lookup_duplicates_go_to_lowest_index_across_tiles(metric: str) -> None:
     idx, _ = vq_nearest(z, e, metric, impl="triton")
     assert idx[:2].tolist() == [3, 3], f"seed={seed}"
     assert not bool(torch.isin(idx, torch.tensor([4, 40, 79])).any()), f"seed={seed}"
+
+
+def test_lookup_exact_ties_between_distinct_codes_go_to_lowest_index() -> None:
+    seed = fresh_seed()
+    z, e, picks = exact_tie_problem()
+    idx, val = vq_nearest(z, e, "l2", impl="triton")  # BLOCK_K = 32 under the interpreter
+    assert idx.tolist() == picks and val.tolist() == [1.0] * 3, f"seed={seed}: {idx.tolist()} {val.tolist()}"
 
 
 def test_lookup_agrees_with_torch_path() -> None:

@@ -47,6 +47,22 @@ def check_picks(idx: torch.Tensor, val: torch.Tensor, z: torch.Tensor, codebook:
     assert bool((err <= tol).all()), f"{msg}: reported values off by {err.max().item():.3g} (rel)"
 
 
+def exact_tie_problem() -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Codes and queries with exact (not rounding-level) ties between distinct codes in different tiles.
+
+    80 far-away random codes, four of them replaced by unit vectors: index 10 = dim 2, 33 = dim 0,
+    50 = dim 9, 79 = dim 15 (the ragged last tile for tiles of 32). Each query is the sum of two unit
+    vectors, at squared distance exactly 1 from both, so the lower index must win. Returns (z, e, picks).
+    """
+    e = 20 * torch.randn(80, 16)
+    for index, dim in ((10, 2), (33, 0), (50, 9), (79, 15)):
+        e[index] = F.one_hot(torch.tensor(dim), 16).float()
+    z = torch.zeros(3, 16)
+    for row, dims in enumerate(([2, 9], [0, 15], [2, 0])):
+        z[row, dims] = 1.0
+    return z, e, [10, 33, 10]
+
+
 def reference_ce(hidden, weight, bias, targets, mask, ignore_index, label_smoothing, reduction):
     """F.cross_entropy(F.linear(...)) in float64 on the selected rows (all rows without a mask)."""
     h = hidden.double()

@@ -1,4 +1,4 @@
-"""vq_nearest on its PyTorch path (the CPU production path): picks, values, ties, memory, peers."""
+"""vq_nearest on CPU: the tiled PyTorch path, the faiss path, picks, values, ties, memory."""
 from __future__ import annotations
 
 import random
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from ssl_zoo_kernels import vq_nearest
-from ssl_zoo_kernels.vq_lookup import vq_nearest_torch
+from ssl_zoo_kernels.vq_lookup import vq_nearest_faiss, vq_nearest_torch
 
-from .references import check_picks, fresh_seed, largest_tensor
+from .references import check_picks, exact_tie_problem, fresh_seed, largest_tensor
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5}
 
@@ -41,21 +41,50 @@ def test_duplicate_codes_resolve_to_lowest_index(metric: str) -> None:
     assert not bool(torch.isin(idx, torch.tensor([5, 21, 49])).any()), f"seed={seed}: a duplicate beat code 3"
 
 
+@pytest.mark.parametrize("path", ["torch", "faiss"])
+def test_exact_ties_between_distinct_codes_go_to_lowest_index(path: str) -> None:
+    if path == "faiss":
+        pytest.importorskip("faiss")
+    seed = fresh_seed()
+    z, e, picks = exact_tie_problem()
+    if path == "torch":
+        idx, val = vq_nearest_torch(z, e, "l2", chunk_size=2, code_tile=32)
+    else:
+        idx, val = vq_nearest_faiss(z, e, "l2", block=2)
+    assert idx.tolist() == picks and val.tolist() == [1.0] * 3, f"seed={seed}: {idx.tolist()} {val.tolist()}"
+
+
 def test_all_codes_equal_pick_index_zero() -> None:
     e = torch.randn(1, 8).expand(40, 8).contiguous()
     idx, _ = vq_nearest_torch(torch.randn(30, 8), e, "l2", chunk_size=4, code_tile=16)
     assert idx.eq(0).all()
 
 
-def test_public_api_uses_torch_path_on_cpu_and_handles_empty() -> None:
-    fresh_seed()
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_faiss_path_matches_brute_force(metric: str, dtype: torch.dtype) -> None:
+    pytest.importorskip("faiss")
+    seed = fresh_seed()
+    n, k, d = random.randint(50, 700), random.randint(20, 300), random.randint(3, 70)
+    z, e = torch.randn(n, d).to(dtype), torch.randn(k, d).to(dtype)
+    e[k - 1] = e[0]  # a duplicate of code 0 must never be picked
+    idx, val = vq_nearest_faiss(z, e, metric, block=random.randint(1, 200))
+    check_picks(idx, val, z, e, metric, 1e-5, f"seed={seed} n={n} k={k} d={d}")
+    assert not bool((idx == k - 1).any()), f"seed={seed}"
+
+
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+def test_public_api_on_cpu_and_empty_input(impl: str) -> None:
+    seed = fresh_seed()
     z, e = torch.randn(33, 12), torch.randn(20, 12)
-    for impl in ("auto", "torch"):
-        idx, val = vq_nearest(z, e, impl=impl)
-        ref_idx, ref_val = vq_nearest_torch(z, e, "l2")
-        assert torch.equal(idx, ref_idx) and torch.equal(val, ref_val)
-    idx, val = vq_nearest(z[:0], e)
+    for metric in ("l2", "cosine"):
+        idx, val = vq_nearest(z, e, metric, impl=impl)
+        check_picks(idx, val, z, e, metric, 1e-5, f"seed={seed}")
+        assert val.dtype == torch.float32
+    idx, val = vq_nearest(z[:0], e, impl=impl)
     assert idx.shape == (0,) and val.shape == (0,)
+    idx, val = vq_nearest(z.double(), e.double(), impl=impl)  # fp64 always takes the PyTorch path
+    assert val.dtype == torch.float64
 
 
 def test_rejects_bad_inputs() -> None:
@@ -73,7 +102,7 @@ def test_never_builds_the_n_by_k_matrix() -> None:
     assert rec.largest <= 128 * 256 + n, f"largest tensor {rec.largest} elements (N x K = {n * k})"
 
 
-def test_same_picks_as_faiss_index_flat_l2() -> None:
+def test_tiled_path_gives_the_same_picks_as_faiss_index_flat_l2() -> None:
     faiss = pytest.importorskip("faiss")
     seed = fresh_seed()
     n, k, d = 3000, 700, 48
@@ -81,7 +110,7 @@ def test_same_picks_as_faiss_index_flat_l2() -> None:
     index = faiss.IndexFlatL2(d)
     index.add(e.numpy())
     dist, ref = index.search(z.numpy(), 1)
-    idx, val = vq_nearest(z, e)
+    idx, val = vq_nearest_torch(z, e, "l2", chunk_size=1000, code_tile=256)
     same = idx.numpy() == ref[:, 0]
     # Any disagreement must be a near-tie that fp32 rounding can flip.
     check_picks(torch.from_numpy(ref[:, 0]).long(), torch.from_numpy(dist[:, 0]), z, e, "l2", 1e-5, f"faiss seed={seed}")

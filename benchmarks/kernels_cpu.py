@@ -1,0 +1,227 @@
+"""CPU benchmark of the fused-kernel package against its peers, each variant in its own process.
+
+    python -m benchmarks.kernels_cpu                 # all variants, prints a table, appends RESULTS.md
+    python -m benchmarks.kernels_cpu --no-append     # print only
+    python -m benchmarks.kernels_cpu --variant NAME  # one variant in this process, JSON on stdout
+
+Lookup at N=32768, K=8192, D=256 (fp32): ours (``vq_nearest``, PyTorch path), faiss-cpu IndexFlatL2
+(index built inside the timed region, as our call prepares ||e||^2 inside it), torch.cdist + argmin, and a
+bare ``z @ e.T``. Loss at M=32768 counted rows, H=768, V=8192 (fp32), forward + backward: ours
+(``masked_linear_cross_entropy``, PyTorch path), PyTorch's chunked ``F.linear_cross_entropy(...,
+options=LinearCrossEntropyOptions())``, full logits + ``F.cross_entropy``, and the three bare GEMMs that
+any forward + backward must run (6MHV flops). The loss input is a PeCo-like (256, 196, 768) batch with
+exactly 128 masked tokens per image, and every variant starts from it (peers gather ``hidden[mask]``
+inside the timed region, as ours does).
+
+Peak memory: each variant runs in a fresh process; after its inputs exist, the kernel's peak-RSS mark
+is reset (``/proc/self/clear_refs`` = 5) and the reported figure is VmHWM minus the RSS at that moment,
+i.e. the most memory the variant ever added on top of its inputs (warm-up run included). This counts
+every allocator (PyTorch, faiss, BLAS workspaces), which tracemalloc would not see.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+N, K, D = 32768, 8192, 256
+B, L, H, V, MASKED = 256, 196, 768, 8192, 128  # M = B * MASKED = 32768 counted rows
+RESULTS = Path(__file__).with_name("RESULTS.md")
+VARIANTS = {
+    "lookup": ["vq_ours", "vq_faiss", "vq_cdist_argmin", "vq_matmul"],
+    "loss": ["ce_ours", "ce_torch_chunked", "ce_naive", "ce_matmul_x3"],
+}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Reset VmHWM to the current RSS (Linux >= 4.0) and return that RSS in kB."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kb("VmRSS")
+
+
+def _lookup_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(N, D, generator=g), torch.randn(K, D, generator=g)
+
+
+def _loss_inputs():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, L, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) / H**0.5).requires_grad_()
+    bias = torch.zeros(V).requires_grad_()
+    targets = torch.randint(0, V, (B, L), generator=g)
+    order = torch.rand(B, L, generator=g).argsort(1)
+    mask = torch.zeros(B, L, dtype=torch.bool).scatter_(1, order[:, :MASKED], True)
+    return hidden, weight, bias, targets, mask
+
+
+def _make(variant: str) -> Callable[[], object]:
+    """Build the inputs of ``variant`` and return the zero-argument callable to time."""
+    if variant.startswith("vq_"):
+        z, e = _lookup_inputs()
+        if variant == "vq_ours":
+            from ssl_zoo_kernels import vq_nearest
+
+            return lambda: vq_nearest(z, e, "l2")[0]
+        if variant == "vq_faiss":
+            import faiss
+
+            zn, en = z.numpy(), e.numpy()
+
+            def run():
+                index = faiss.IndexFlatL2(D)
+                index.add(en)
+                return torch.from_numpy(index.search(zn, 1)[1][:, 0]).long()
+
+            return run
+        if variant == "vq_cdist_argmin":
+            return lambda: torch.cdist(z, e).argmin(1)
+        if variant == "vq_matmul":
+            return lambda: z @ e.t()
+    hidden, weight, bias, targets, mask = _loss_inputs()
+    params = (hidden, weight, bias)
+
+    def step(loss_fn):
+        def run():
+            for p in params:
+                p.grad = None
+            loss = loss_fn()
+            loss.backward()
+            return loss.detach()
+
+        return run
+
+    if variant == "ce_ours":
+        from ssl_zoo_kernels import masked_linear_cross_entropy
+
+        return step(lambda: masked_linear_cross_entropy(hidden, weight, bias, targets, mask))
+    if variant == "ce_torch_chunked":
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return step(lambda: F.linear_cross_entropy(hidden[mask], weight, targets[mask], linear_bias=bias, options=opts))
+    if variant == "ce_naive":
+        return step(lambda: F.cross_entropy(F.linear(hidden[mask], weight, bias), targets[mask]))
+    if variant == "ce_matmul_x3":
+        x = hidden.detach()[mask]
+        w = weight.detach()
+        g = torch.empty(x.shape[0], V)
+
+        def run():
+            torch.mm(x, w.t(), out=g)
+            return torch.mm(g, w), torch.mm(g.t(), x)
+
+        return run
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def run_variant(variant: str, repeats: int, picks_out: str | None) -> dict:
+    """Time ``variant`` in this process: one warm-up, then ``repeats`` timed runs."""
+    fn = _make(variant)
+    base_kb = _reset_peak_rss()
+    out = fn()  # warm-up (first-touch page faults, BLAS init) counts towards peak memory, not time
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    peak_kb = _status_kb("VmHWM") - base_kb
+    if picks_out and isinstance(out, torch.Tensor) and out.dtype == torch.int64:
+        np.save(picks_out, out.numpy())
+    result = {"variant": variant, "median_s": statistics.median(times), "min_s": min(times), "peak_mb": peak_kb / 1024}
+    if variant.startswith("ce_") and variant != "ce_matmul_x3":
+        result["loss"] = float(out)
+    return result
+
+
+def _machine() -> str:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        model = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown CPU"
+    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def _table(rows: list[dict], agree: float | None) -> str:
+    by = {r["variant"]: r for r in rows}
+    ref = {"lookup": ("vq_faiss", "vq_cdist_argmin", "vq_matmul"), "loss": ("ce_torch_chunked", "ce_naive", "ce_matmul_x3")}
+    lines = ["| op | variant | median s (min) | x peer time | x bare matmul | peak extra MB | x peer mem | x naive mem |",
+             "|---|---|---|---|---|---|---|---|"]
+    for op, names in VARIANTS.items():
+        peer, naive, mm = (by.get(n) for n in ref[op])
+        for name in names:
+            r = by.get(name)
+            if r is None:
+                continue
+
+            def ratio(a, b, key):
+                return f"{a[key] / b[key]:.2f}" if b and b[key] > 0 else "-"
+
+            lines.append(f"| {op} | {name} | {r['median_s']:.3f} ({r['min_s']:.3f}) | {ratio(r, peer, 'median_s')} | "
+                         f"{ratio(r, mm, 'median_s')} | {r['peak_mb']:.0f} | {ratio(r, peer, 'peak_mb')} | "
+                         f"{ratio(r, naive, 'peak_mb')} |")
+    if agree is not None:
+        lines.append(f"\nLookup picks of ours equal faiss IndexFlatL2's on {agree * 100:.4f}% of the {N} queries.")
+    losses = {r["variant"]: r["loss"] for r in rows if "loss" in r}
+    if losses:
+        lines.append("Loss values: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) + ".")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", help="run one variant in this process and print JSON")
+    parser.add_argument("--only", choices=sorted(VARIANTS), help="run only the lookup or the loss variants")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--picks-out", help=argparse.SUPPRESS)
+    parser.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant, args.repeats, args.picks_out)))
+        return
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for op, names in VARIANTS.items():
+            if args.only and op != args.only:
+                continue
+            for name in names:
+                cmd = [sys.executable, "-m", "benchmarks.kernels_cpu", "--variant", name, "--repeats", str(args.repeats),
+                       "--picks-out", os.path.join(tmp, f"{name}.npy")]
+                proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+                if proc.returncode != 0:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"{name}: {rows[-1]}", flush=True)
+        ours, peer = (Path(tmp, f"{n}.npy") for n in ("vq_ours", "vq_faiss"))
+        agree = float((np.load(ours) == np.load(peer)).mean()) if ours.exists() and peer.exists() else None
+    table = _table(rows, agree)
+    print(table)
+    if not args.no_append:
+        command = "python -m benchmarks.kernels_cpu " + " ".join(sys.argv[1:])
+        stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+        header = f"\n## Kernels, CPU ({stamp})\n\nMachine: {_machine()}. Command: `{command.strip()}` ({args.repeats} timed runs after a warm-up, each variant in its own process).\n\n"
+        with RESULTS.open("a") as f:
+            f.write(header + table + "\n")
+
+
+if __name__ == "__main__":
+    main()
