@@ -1,0 +1,91 @@
+"""The BEiT ViT backbone of stage 2, built on timm's `Beit` so its weights load into timm's `beit_*` models.
+
+Pre-training uses BEiT's choices: a learnable mask token that replaces masked patch embeddings before
+[CLS] is prepended, one relative position bias shared by all blocks, no absolute position embedding, layer
+scale, q/v bias, drop path. For fine-tuning, timm's `beit_*` models have one bias table per block, so the
+export copies the shared table into every block, as BEiT does when it starts fine-tuning.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import LayerNorm, trunc_normal_
+from timm.models.beit import Beit
+from torch import nn
+
+from ssl_zoo.registry import BACKBONES
+
+from .config import BeitConfig
+
+
+class BeitMIM(Beit):
+    """timm's Beit (no classifier, final norm over all tokens) plus a mask token for masked image modelling."""
+
+    def __init__(self, cfg: BeitConfig, device: torch.device | str | None = None) -> None:
+        if cfg.img_size % cfg.patch_size:
+            raise ValueError(f"model.img_size={cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
+        if cfg.export_final_norm_as not in ("fc_norm", "norm"):
+            raise ValueError(f"model.export_final_norm_as must be 'fc_norm' or 'norm', got '{cfg.export_final_norm_as}'")
+        super().__init__(
+            img_size=cfg.img_size,
+            patch_size=cfg.patch_size,
+            num_classes=0,
+            global_pool="",
+            embed_dim=cfg.embed_dim,
+            depth=cfg.depth,
+            num_heads=cfg.num_heads,
+            qkv_bias=cfg.qkv_bias,
+            mlp_ratio=cfg.mlp_ratio,
+            drop_path_rate=cfg.drop_path_rate,
+            norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps),
+            init_values=cfg.init_values,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=True,
+            device=device,
+        )
+        self.export_final_norm_as = cfg.export_final_norm_as
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim, device=device))
+        trunc_normal_(self.mask_token, std=0.02)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return tuple(self.patch_embed.grid_size)
+
+    def forward_mim(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images and a (B, N) or (B, h, w) boolean mask -> (B, 1 + N, C) normalised tokens."""
+        x = self.patch_embed(images)
+        mask = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+        x = x * (1 - mask) + self.mask_token.to(x.dtype) * mask
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = self.pos_drop(x)
+        rel_pos_bias = self.rel_pos_bias()
+        for blk in self.blocks:
+            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def timm_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights in the layout of timm's `beit_*` models (per-block relative position bias, no mask token).
+
+        The final norm goes to `fc_norm` by default: timm's beit pools the patch tokens and normalises the
+        pooled feature (BEiT's fine-tuning recipe), so that is where the pre-trained norm is useful.
+        """
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        state.pop("mask_token")
+        table = state.pop("rel_pos_bias.relative_position_bias_table")
+        for i in range(len(self.blocks)):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+        if self.export_final_norm_as == "fc_norm":
+            for suffix in ("weight", "bias"):
+                state[f"fc_norm.{suffix}"] = state.pop(f"norm.{suffix}")
+        return state
+
+
+@BACKBONES.register("beit", schema=BeitConfig)
+def build_beit(section: BeitConfig, device: torch.device | str | None = None) -> BeitMIM:
+    """Build the BEiT backbone of a `model` section (`device="meta"` to count parameters without memory)."""
+    return BeitMIM(section, device=device)

@@ -1,0 +1,115 @@
+"""Stage 2, `method=peco`: BEiT-style masked image modelling with the perceptual codebook as the target.
+
+Per sample: one crop gives the ViT view and the tokenizer view, plus a block mask. The frozen tokenizer maps
+its view to code indices; the ViT sees its view with the masked patches replaced by the mask token; a linear
+head over the vocabulary predicts the codes of the masked patches only, trained with cross-entropy through
+the fused `ssl_zoo_kernels.masked_linear_cross_entropy`.
+
+Without `method.tokenizer.checkpoint`, `stages()` makes the run two-stage: first `method=peco_tokenizer`
+(trained with `method.tokenizer_training.*` as its trainer settings), then this method on its export.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import ssl_zoo_kernels
+import torch
+from omegaconf import DictConfig, ListConfig
+from timm.layers import trunc_normal_
+from torch import nn
+
+from ssl_zoo.method import Method, Stage, StepOutput
+from ssl_zoo.registry import BACKBONES, METHODS
+
+from .checkpoints import load_strict, tokenizer_state
+from .config import PecoConfig, tokenizer_image_size
+from .masking import BlockMaskGenerator
+from .transforms import mim_transform
+from .vqgan import VQTokenizer
+
+STAGE1_TRAINER_KEYS = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
+                       "grad_clip", "log_every", "checkpoint_every")
+
+
+def _override_value(value: Any) -> str:
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return str(value)
+
+
+@METHODS.register("peco", schema=PecoConfig)
+class Peco(Method):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        section = cfg.method
+        self.kernel_impl = section.kernel_impl
+        self.label_smoothing = section.label_smoothing
+        self.backbone = BACKBONES.build(cfg.model)
+        path = section.tokenizer.checkpoint
+        if path is None:
+            raise ValueError("method=peco needs a trained tokenizer: set method.tokenizer.checkpoint=PATH "
+                             "(a stage-1 export/method.safetensors), or run `python -m ssl_zoo.run method=peco` "
+                             "without it to train one first")
+        image_size = tokenizer_image_size(cfg)
+        self.tokenizer = VQTokenizer(section.tokenizer, image_size, section.kernel_impl)
+        load_strict(self.tokenizer, tokenizer_state(path), f"tokenizer checkpoint '{path}'")
+        self.tokenizer.requires_grad_(False)
+        self.memory_format = torch.channels_last if section.channels_last else torch.contiguous_format
+        self.tokenizer.to(memory_format=self.memory_format)
+        grid = image_size // self.tokenizer.factor
+        if (grid, grid) != self.backbone.grid_size:
+            raise ValueError(
+                f"the tokenizer's token grid {grid}x{grid} (image size {image_size} / {self.tokenizer.factor}) must "
+                f"equal the ViT's patch grid {self.backbone.grid_size} (model.img_size / model.patch_size); "
+                "leave method.tokenizer.image_size unset to derive it from the model")
+        self.head = nn.Linear(self.backbone.embed_dim, self.tokenizer.vocab_size)
+        trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.last_metrics: dict[str, float] = {}
+
+    # ---- stages and data ---------------------------------------------------------------------
+    @classmethod
+    def stages(cls, cfg: DictConfig) -> list[Stage]:
+        if cfg.method.tokenizer.checkpoint is not None:
+            return []
+        training = cfg.method.tokenizer_training
+        stage1 = ("method=peco_tokenizer",
+                  *(f"trainer.{key}={_override_value(training[key])}" for key in STAGE1_TRAINER_KEYS))
+        export = Path(cfg.output_dir).resolve() / "tokenizer" / "export" / "method.safetensors"
+        return [Stage("tokenizer", stage1), Stage("mim", (f"method.tokenizer.checkpoint='{export}'",))]
+
+    @classmethod
+    def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
+        grid = cfg.model.img_size // cfg.model.patch_size
+        masks = BlockMaskGenerator((grid, grid), cfg.method.mask)
+        return mim_transform(cfg.method.view, cfg.model.img_size, tokenizer_image_size(cfg), masks)
+
+    def train(self, mode: bool = True) -> "Peco":
+        super().train(mode)
+        self.tokenizer.eval()  # frozen target generator: no quantiser statistics, no dropout
+        return self
+
+    # ---- training ----------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
+        mask = batch["mask"].flatten(1)
+        targets = self.tokenizer.tokenize(batch["tokenizer_view"].contiguous(memory_format=self.memory_format))
+        hidden = self.backbone.forward_mim(batch["image"], mask)[:, 1:]
+        loss, accuracy = ssl_zoo_kernels.masked_linear_cross_entropy(
+            hidden, self.head.weight, self.head.bias, targets, mask=mask,
+            label_smoothing=self.label_smoothing, impl=self.kernel_impl, return_accuracy=True,
+        )
+        metrics = {"mim_accuracy": float(accuracy)}
+        self.last_metrics = {"mim_loss": loss.item(), **metrics}
+        return StepOutput(loss, metrics)
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean of the normalised patch tokens (the representation BEiT fine-tunes from)."""
+        return self.backbone.forward_features(images)[:, 1:].mean(dim=1)
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights for timm's `beit_*` models (loads with only the classifier head missing)."""
+        return self.backbone.timm_state_dict()
+
+    def summary(self) -> dict[str, Any]:
+        return {f"final_{k}": round(v, 4) for k, v in self.last_metrics.items()}

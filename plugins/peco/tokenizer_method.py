@@ -1,0 +1,150 @@
+"""Stage 1, `method=peco_tokenizer`: train the perceptual codebook (a VQGAN with a perceptual loss).
+
+Loss = L1 pixel + perceptual + codebook/commitment, plus after `gan.start_step` the VQGAN adversarial pair:
+the generator's hinge term, weighted adaptively by the ratio of gradient norms of the reconstruction and
+GAN losses at the decoder's last layer, and the discriminator's hinge loss. The trainer has ONE optimiser,
+so each adversarial term is built to reach only its own side: the generator's term goes through the
+discriminator with detached parameters (`torch.func.functional_call`), the discriminator's sees detached
+reconstructions. A single backward then trains both, each in its own parameter group.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+from torch.func import functional_call
+from torchvision.utils import save_image
+
+from ssl_zoo.method import Method, StepOutput
+from ssl_zoo.registry import METHODS
+
+from .config import PecoTokenizerConfig, tokenizer_image_size
+from .discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
+from .perceptual import PerceptualLoss
+from .transforms import tokenizer_transform
+from .vqgan import VQTokenizer
+
+
+@METHODS.register("peco_tokenizer", schema=PecoTokenizerConfig)
+class PecoTokenizer(Method):
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        section = cfg.method
+        self.losses = section.tokenizer_loss
+        image_size = tokenizer_image_size(cfg)
+        self.tokenizer = VQTokenizer(section.tokenizer, image_size, section.kernel_impl)
+        self.perceptual = PerceptualLoss(self.losses.perceptual, image_size)
+        gan = self.losses.gan
+        self.discriminator = PatchDiscriminator(gan.num_layers, gan.width) if gan.enabled else None
+        self.memory_format = torch.channels_last if section.channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
+        self.last_metrics: dict[str, float] = {}
+
+    @classmethod
+    def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
+        return tokenizer_transform(cfg.method.view, tokenizer_image_size(cfg))
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        groups = [{"params": [p for p in self.tokenizer.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+        if self.discriminator is not None:
+            groups.append({"params": list(self.discriminator.parameters()), "weight_decay": weight_decay,
+                           "lr_scale": self.losses.gan.lr_scale})
+        return groups
+
+    @torch.no_grad()
+    def on_train_start(self, batch: dict[str, torch.Tensor]) -> None:
+        quantizer = self.tokenizer.quantizer
+        if quantizer.cfg.kmeans_init and not bool(quantizer.initialised):
+            quantizer.kmeans_init(self.tokenizer.encode_latent(batch["image"].contiguous(memory_format=self.memory_format)))
+
+    def _adaptive_weight(self, rec_loss: torch.Tensor, g_loss: torch.Tensor) -> torch.Tensor:
+        """VQGAN's balance: ||d rec / d W_last|| / ||d gan / d W_last||, clamped, times `gan.weight`."""
+        last = self.tokenizer.decoder.last_layer.weight
+        rec_grad = torch.autograd.grad(rec_loss, last, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last, retain_graph=True)[0]
+        weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+        return weight.clamp(0.0, self.losses.gan.max_adaptive_weight).detach() * self.losses.gan.weight
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
+        images = batch["image"].contiguous(memory_format=self.memory_format)
+        recon, quantized = self.tokenizer(images)
+        pixel = (recon.float() - images.float()).abs().mean()
+        perceptual = self.perceptual(recon, images)
+        rec_loss = self.losses.pixel_weight * pixel + self.losses.perceptual_weight * perceptual
+        loss = rec_loss + self.losses.codebook_weight * quantized.loss
+        metrics = {
+            "loss_pixel": pixel.item(),
+            "loss_perceptual": perceptual.item(),
+            "loss_codebook": quantized.loss.item(),
+            "codebook_usage": self.tokenizer.quantizer.usage(),
+            "perplexity": quantized.perplexity.item(),
+        }
+        gan = self.losses.gan
+        if self.discriminator is not None and step >= gan.start_step:
+            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
+            frozen.update(dict(self.discriminator.named_buffers()))
+            g_loss = hinge_g_loss(functional_call(self.discriminator, frozen, (recon,)))
+            d_weight = self._adaptive_weight(rec_loss, g_loss)
+            d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
+            loss = loss + d_weight * g_loss + d_loss
+            metrics.update(loss_g=g_loss.item(), loss_d=d_loss.item(), gan_weight=d_weight.item())
+        self.last_metrics = {"loss": loss.item(), **metrics}
+        return StepOutput(loss, metrics)
+
+    def extract_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled pre-quantisation latents (the tokenizer has no ViT backbone)."""
+        return self.tokenizer.encode_latent(images).mean(dim=(2, 3))
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tokenizer alone (what stage 2 loads): no discriminator, no frozen perceptual network."""
+        return {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        was_training = self.training
+        self.eval()
+        images = batch["image"][:8]
+        recon, _ = self.tokenizer(images.contiguous(memory_format=self.memory_format))
+        self.train(was_training)
+        pairs = torch.stack([images, recon.to(images.dtype)], dim=1).flatten(0, 1).float().cpu()
+        grid_path = out_dir / "reconstructions.png"
+        save_image((pairs.clamp(-1, 1) + 1) / 2, grid_path, nrow=8, padding=2)  # input, reconstruction, ...
+        return [grid_path, self._usage_histogram(out_dir / "codebook_usage.png")]
+
+    def _usage_histogram(self, path: Path) -> Path:
+        import matplotlib  # late: only the end of a run draws
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        quantizer = self.tokenizer.quantizer
+        counts = quantizer.recent_counts.float().cpu().sort(descending=True).values
+        fig, ax = plt.subplots(figsize=(7, 3))
+        ax.bar(range(len(counts)), counts.numpy(), width=1.0)
+        ax.set_yscale("symlog")
+        ax.set_xlabel("code (sorted by use)")
+        ax.set_ylabel("recent assignments")
+        ax.set_title(f"codebook usage {quantizer.usage():.0%} of {len(counts)} codes, "
+                     f"perplexity {self._window_perplexity():.0f}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    def _window_perplexity(self) -> float:
+        counts = self.tokenizer.quantizer.recent_counts.float()
+        probs = counts / counts.sum().clamp_min(1e-12)
+        return float(torch.exp(-(probs * probs.clamp_min(1e-12).log()).sum()))
+
+    def summary(self) -> dict[str, Any]:
+        quantizer = self.tokenizer.quantizer
+        return {
+            "codebook_size": quantizer.cfg.num_codes,
+            "codebook_usage": round(quantizer.usage(), 4),
+            "codebook_perplexity": round(self._window_perplexity(), 1),
+            **{f"final_{k}": round(v, 4) for k, v in self.last_metrics.items() if k.startswith("loss")},
+        }

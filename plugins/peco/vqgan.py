@@ -1,0 +1,153 @@
+"""VQGAN-style convolutional encoder and decoder, and the tokenizer that joins them through the quantiser.
+
+The architecture follows the VQGAN paper's description (ResNet blocks with GroupNorm and SiLU, strided-conv
+downsampling, nearest-neighbour upsampling, one self-attention block at the lowest resolution, 1x1 convs
+before and after quantisation). Each entry of `channel_mult` is one resolution level; all levels but the
+last halve the resolution, so the downsampling factor is 2 ** (len(channel_mult) - 1): 16 by default,
+which makes the token grid equal the ViT's patch grid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AutoencoderConfig, TokenizerConfig
+from .quantizer import Quantized, VectorQuantizer
+
+
+def _norm(channels: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(groups, channels), channels, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, groups: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = _norm(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2 = _norm(cout, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all positions of a feature map (used at the lowest resolution)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.norm = _norm(channels, groups)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).chunk(3, dim=2)
+        out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        return x + self.proj(out.transpose(1, 2).reshape(b, c, h, w))
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # asymmetric pad: exact halving of even sizes
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _middle(channels: int, cfg: AutoencoderConfig) -> nn.Sequential:
+    layers: list[nn.Module] = [ResBlock(channels, channels, cfg.norm_groups, cfg.dropout)]
+    if cfg.attention_at_lowest:
+        layers += [AttnBlock(channels, cfg.norm_groups), ResBlock(channels, channels, cfg.norm_groups, cfg.dropout)]
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        widths = [cfg.base_width * m for m in cfg.channel_mult]
+        layers: list[nn.Module] = [nn.Conv2d(3, widths[0], 3, padding=1)]
+        cin = widths[0]
+        for level, cout in enumerate(widths):
+            for _ in range(cfg.num_res_blocks):
+                layers.append(ResBlock(cin, cout, cfg.norm_groups, cfg.dropout))
+                cin = cout
+            if level < len(widths) - 1:
+                layers.append(Downsample(cin))
+        layers += [_middle(cin, cfg), _norm(cin, cfg.norm_groups), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder with one more ResBlock per level (as VQGAN); `last_layer` is the output conv,
+    where the adaptive GAN weight compares gradient norms."""
+
+    def __init__(self, cfg: AutoencoderConfig) -> None:
+        super().__init__()
+        widths = [cfg.base_width * m for m in cfg.channel_mult][::-1]
+        cin = widths[0]
+        layers: list[nn.Module] = [nn.Conv2d(cfg.z_channels, cin, 3, padding=1), _middle(cin, cfg)]
+        for level, cout in enumerate(widths):
+            for _ in range(cfg.num_res_blocks + 1):
+                layers.append(ResBlock(cin, cout, cfg.norm_groups, cfg.dropout))
+                cin = cout
+            if level < len(widths) - 1:
+                layers.append(Upsample(cin))
+        layers += [_norm(cin, cfg.norm_groups), nn.SiLU()]
+        self.layers = nn.Sequential(*layers)
+        self.last_layer = nn.Conv2d(cin, 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(self.layers(z))
+
+
+class VQTokenizer(nn.Module):
+    """Image (B, 3, H, W) in [-1, 1] -> code indices (B, H/f, W/f), and back to pixels."""
+
+    def __init__(self, cfg: TokenizerConfig, image_size: int, kernel_impl: str = "auto") -> None:
+        super().__init__()
+        self.factor = 2 ** (len(cfg.autoencoder.channel_mult) - 1)
+        self.image_size = image_size
+        if image_size % self.factor:
+            raise ValueError(f"the tokenizer image size {image_size} is not a multiple of the "
+                             f"downsampling factor {self.factor} (2 ** (len(channel_mult) - 1))")
+        self.encoder = Encoder(cfg.autoencoder)
+        self.quant_conv = nn.Conv2d(cfg.autoencoder.z_channels, cfg.quantizer.dim, 1)
+        self.quantizer = VectorQuantizer(cfg.quantizer, kernel_impl)
+        self.post_quant_conv = nn.Conv2d(cfg.quantizer.dim, cfg.autoencoder.z_channels, 1)
+        self.decoder = Decoder(cfg.autoencoder)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.quantizer.cfg.num_codes
+
+    def encode_latent(self, images: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(images))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
+        """Reconstruction and the quantiser's output (training)."""
+        quantized = self.quantizer(self.encode_latent(images))
+        return self.decoder(self.post_quant_conv(quantized.z_q)), quantized
+
+    @torch.no_grad()
+    def tokenize(self, images: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, H/f * W/f): the MIM targets of stage 2."""
+        return self.quantizer.encode(self.encode_latent(images)).flatten(1)
