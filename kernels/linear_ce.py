@@ -30,7 +30,10 @@ from .vq_lookup import compute_dtype
 REDUCTIONS = ("mean", "sum", "none")
 # (logits chunk, targets, row scale or None, label_smoothing) -> (per-row loss fp32, number correct).
 ChunkOp = Callable[[torch.Tensor, torch.Tensor, "float | torch.Tensor | None", float], tuple[torch.Tensor, torch.Tensor]]
-_CHUNK_BYTES = 32 << 20  # logits chunk budget of the PyTorch path (measured: see benchmarks/RESULTS.md)
+# Logits chunk budget. CPU: 64 MB (2048 rows of 8192 fp32 logits) keeps the number of BLAS calls, each an
+# OpenMP region that stalls when another process holds a core, low while adding little memory. CUDA: 256 MB
+# (16384 bf16 rows), so each GEMM is large enough to fill the GPU; still ~1/10 of PeCo's full logits.
+_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -167,10 +170,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return out + (None,) + tail
 
 
-def _default_chunk_size(vocab: int, matmul_dtype: torch.dtype) -> int:
-    """Rows per chunk so one logits chunk stays within ``_CHUNK_BYTES`` (at least 16 rows)."""
+def _default_chunk_size(vocab: int, matmul_dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk so one logits chunk stays within the device's ``_CHUNK_BYTES`` (at least 16 rows)."""
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
-    return max(16, _CHUNK_BYTES // (vocab * itemsize))
+    budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
+    return max(16, budget // (vocab * itemsize))
 
 
 def masked_linear_cross_entropy(
@@ -202,7 +206,7 @@ def masked_linear_cross_entropy(
             kernel covers fp32 / bf16 / fp16; fp64 always takes the PyTorch path.
         return_accuracy: also return the share of counted rows whose first argmax is the target
             (fp32 0-dim tensor, 0 when none count).
-        chunk_size: rows per logits chunk; None sizes a chunk to about 32 MB.
+        chunk_size: rows per logits chunk; None sizes a chunk to 64 MB on CPU, 256 MB on a GPU.
 
     Returns:
         The loss in fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias; and the
@@ -238,7 +242,7 @@ def masked_linear_cross_entropy(
         matmul_dtype = hidden.dtype
     else:
         chunk_op, matmul_dtype = ce_chunk_torch, compute_dtype(hidden.dtype)
-    chunk = chunk_size or _default_chunk_size(weight.shape[0], matmul_dtype)
+    chunk = chunk_size or _default_chunk_size(weight.shape[0], matmul_dtype, hidden.device)
     n = t.numel()
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
