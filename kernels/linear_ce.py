@@ -84,50 +84,57 @@ def _chunked_pass(
     chunk_size: int,
     wants: tuple[bool, bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """One sweep over row chunks: per-row losses, #correct, and the wanted (dX, dW, db); dW / db in fp32+."""
+    """One sweep over row chunks: per-row losses, #correct, and the wanted (dX, dW, db); dW / db in fp32+.
+
+    Without ``scale`` only losses are computed. Autocast is switched off: every dtype here is chosen on
+    purpose (fp32 accumulation above all), and the ``out=`` matmuls would ignore it anyway.
+    """
     n, vocab = x.shape[0], weight.shape[0]
     want_dx, want_dw, want_db = wants if scale is not None else (False, False, False)
-    w = weight.to(matmul_dtype)
-    b = None if bias is None else bias.to(matmul_dtype)
-    dx = torch.empty_like(x) if want_dx else None
     acc = accum_dtype(x.dtype)
+    dx = torch.empty_like(x) if want_dx else None
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if want_dw else None
     db = torch.zeros(vocab, dtype=acc, device=x.device) if want_db else None
     losses = torch.empty(n, dtype=acc, device=x.device)
     correct = torch.zeros((), dtype=torch.int64, device=x.device)
-    # One buffer for every chunk: each chunk's gradient is fully consumed (dX, dW, db) before the next
-    # matmul overwrites it, and nothing outside this loop ever sees it.
-    buf = torch.empty(min(chunk_size, max(n, 1)), vocab, dtype=matmul_dtype, device=x.device)
-    for start in range(0, n, chunk_size):
-        xc = x[start : start + chunk_size].to(matmul_dtype)
-        rows = xc.shape[0]
-        logits = buf[:rows]
-        if b is None:
-            torch.mm(xc, w.t(), out=logits)
-        else:
-            torch.addmm(b, xc, w.t(), out=logits)
-        sc = scale[start : start + rows] if isinstance(scale, torch.Tensor) else scale
-        losses[start : start + rows], corr = chunk_op(logits, targets[start : start + rows], sc, label_smoothing)
-        correct += corr
-        if dx is not None:
-            if dx.dtype == matmul_dtype:
-                torch.mm(logits, w, out=dx[start : start + rows])
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        w = weight.to(matmul_dtype)
+        b = None if bias is None else bias.to(matmul_dtype)
+        # One buffer for every chunk of this call: each chunk's gradient is fully consumed (dX, dW, db)
+        # before the next matmul overwrites it, and it never leaves this function.
+        buf = torch.empty(min(chunk_size, max(n, 1)), vocab, dtype=matmul_dtype, device=x.device)
+        for start in range(0, n, chunk_size):
+            xc = x[start : start + chunk_size].to(matmul_dtype)
+            rows = xc.shape[0]
+            logits = buf[:rows]
+            if b is None:
+                torch.mm(xc, w.t(), out=logits)
             else:
-                dx[start : start + rows] = logits @ w
-        if dw is not None:
-            if matmul_dtype == acc:
-                dw.addmm_(logits.t(), xc)
-            elif x.is_cuda and matmul_dtype in (torch.float16, torch.bfloat16):
-                dw += torch.mm(logits.t(), xc, out_dtype=torch.float32)
-            else:
-                dw += (logits.t() @ xc).float()
-        if db is not None:
-            db += logits.sum(0, dtype=acc)
+                torch.addmm(b, xc, w.t(), out=logits)
+            sc = scale[start : start + rows] if isinstance(scale, torch.Tensor) else scale
+            losses[start : start + rows], corr = chunk_op(logits, targets[start : start + rows], sc, label_smoothing)
+            correct += corr
+            if dx is not None:
+                if dx.dtype == matmul_dtype:
+                    torch.mm(logits, w, out=dx[start : start + rows])
+                else:
+                    dx[start : start + rows] = logits @ w
+            if dw is not None:
+                if matmul_dtype == acc:
+                    dw.addmm_(logits.t(), xc)
+                elif x.is_cuda and matmul_dtype in (torch.float16, torch.bfloat16):
+                    dw += torch.mm(logits.t(), xc, out_dtype=acc)  # fp32 output of a half GEMM
+                else:
+                    dw += (logits.t() @ xc).to(acc)
+            if db is not None:
+                db += logits.sum(0, dtype=acc)
     return losses, correct, dx, dw, db
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Loss over already-gathered counted rows; see the module docstring for the gradient strategy."""
+
+    NON_TENSOR_INPUTS = 8  # forward's inputs after (x, weight, bias): no gradient for any of them
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, scale, label_smoothing, per_row, chunk_op, matmul_dtype, chunk_size, wants):
@@ -149,9 +156,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        tail = (None,) * 7
+        tail = (None,) * _LinearCrossEntropy.NON_TENSOR_INPUTS
         if grad_loss is None:
-            return (None, None, None) + (None,) + tail
+            return (None, None, None) + tail
         if ctx.per_row:
             x, weight, bias, targets = ctx.saved_tensors
             scale = grad_loss.to(accum_dtype(x.dtype))
@@ -166,8 +173,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 )
             grads, dtypes, ctx.grads = ctx.grads, ctx.dtypes, None
             grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads)
-        out = tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes))
-        return out + (None,) + tail
+        return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes)) + tail
 
 
 def _default_chunk_size(vocab: int, matmul_dtype: torch.dtype, device: torch.device) -> int:

@@ -148,3 +148,21 @@ def test_rejects_out_of_range_targets_and_bad_shapes() -> None:
         masked_linear_cross_entropy(hidden, weight, bias, targets[:, :3])
     with pytest.raises(ValueError):
         masked_linear_cross_entropy(hidden, weight, bias, targets, reduction="avg")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_half_hidden_with_fp32_head_as_under_autocast(autocast: bool) -> None:
+    seed = fresh_seed()
+    hidden, weight, bias, targets, mask = random_ce_problem((2, 30), 24, 50, torch.float32, True)
+    h16 = hidden.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = masked_linear_cross_entropy(h16, weight, bias, targets, mask, chunk_size=9)
+    ref = reference_ce(h16, weight, bias, targets, mask, -100, 0.0, "mean")
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, 1e-5, 1e-6, f"seed={seed}")
+    got = torch.autograd.grad(loss, (h16, weight, bias))
+    want = torch.autograd.grad(ref, (h16, weight, bias))
+    assert [g.dtype for g in got] == [torch.bfloat16, torch.float32, torch.float32]
+    assert_close(got[0], want[0], 2e-2, 1e-4, f"seed={seed} hidden")
+    for g, w in zip(got[1:], want[1:]):
+        assert_close(g, w, 1e-5, 1e-6, f"seed={seed}")
