@@ -145,6 +145,7 @@ def run_variant(variant: str, repeats: int, picks_out: str | None) -> dict:
     out = fn()  # warm-up (first-touch page faults, BLAS init) counts towards peak memory, not time
     times = []
     for _ in range(repeats):
+        out = None  # drop the previous result first, or two outputs would count towards the peak
         t0 = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t0)
