@@ -1,0 +1,110 @@
+"""The throughput report as a markdown table (for benchmarks/RESULTS.md) and a PNG plot (matplotlib, Agg)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+PART_NAMES = {"tokenizer": "tokenizer forward + lookup", "backbone_forward": "backbone forward",
+              "head_loss": "head + loss (fwd + bwd)", "backbone_backward": "backbone backward",
+              "optimizer": "clip + optimizer step", "other": "rest of the step"}
+
+
+def _g(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}g}"
+
+
+def _case_row(r: dict[str, Any]) -> str:
+    model = r["model"]
+    return (f"| {r['name']} | {model.get('embed_dim')}x{model.get('depth')} @ {model.get('img_size')} px | "
+            f"{r['batch_size']} | {r['precision']} | {'yes' if r['compile'] else 'no'} | {_g(r['images_per_s'])} | "
+            f"{_g(r['step_s'])} | {r['peak_mib']:.0f} |")
+
+
+def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
+    m, main, rates, flops = report["machine"], report["main"], report["rates"], report["flops"]
+    fused = main["fused"]
+    device = m.get("gpu", f"{m['cpu']}, {m['cores']} cores")
+    lines = [
+        f"## Throughput: {report['date'][:10]}, {device}", "",
+        f"Command: `{report['command']}` (wall time {report['wall_s'] / 60:.1f} min; 1-min load average at start "
+        f"{m['load_avg_1min_start']:.1f} on {m['cores']} cores, torch {m['torch']}). "
+        f"JSON: `{json_path.name}`, plot: `{png_path.name}` (in benchmarks/results/).", "",
+        f"Main case: `{' '.join(o for o in fused['overrides'] if not o.startswith('method.tokenizer.'))}` "
+        f"(+ paper-size tokenizer overrides where listed in the JSON), warm-up {fused['warmup']}, "
+        f"median of {fused['repeats']} step(s); one batch reused (data loading not timed).", "",
+        "| part | s / step | images/s | GFLOP / image | achieved GFLOP/s | peak added MiB (fused) | unfused s | unfused peak added MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    unfused = main.get("unfused")
+    for key, label in PART_NAMES.items():
+        part = fused["parts"][key]
+        gflop = flops["per_image"].get(key)
+        achieved = main["part_flops"].get(key)
+        upart = unfused["parts"][key] if unfused else {}
+        lines.append(f"| {label} | {_g(part['s'])} | {_g(part['images_per_s'])} | "
+                     f"{_g(gflop / 1e9 if gflop else None)} | {_g(achieved / 1e9 if achieved else None)} | "
+                     f"{_g(part.get('added_mib'))} | {_g(upart.get('s'))} | {_g(upart.get('added_mib'))} |")
+    unfused_cells = f"{_g(unfused['step_s'])} | (process peak {unfused['peak_mib']:.0f})" if unfused else "- | -"
+    lines.append(f"| **whole step** | {_g(fused['step_s'])} | **{_g(fused['images_per_s'])}** | "
+                 f"{_g(flops['step_per_image'] / 1e9)} | {_g(main['achieved_flops'] / 1e9)} | "
+                 f"(process peak {fused['peak_mib']:.0f}) | {unfused_cells} |")
+    lines += ["",
+              f"FLOPs = 2 x multiply-adds. Backbone forward {flops['backbone_forward_gmacs']:.2f} GMACs per image, of "
+              f"which attention {flops['backbone_attention_gmacs']:.2f} (counted by our `scaled_dot_product_attention` "
+              f"handle; fvcore alone skips it). Matmul rates measured in this run ({rates['matmul_size']}^3): "
+              f"fp32 {_g(rates['matmul_fp32_flops'] / 1e9)} GFLOP/s, bf16 {_g(rates['matmul_bf16_flops'] / 1e9)} GFLOP/s. "
+              f"Achieved step rate / fp32 matmul = {_g(main['achieved_over_matmul_fp32'])}, / bf16 matmul = "
+              f"{_g(main['achieved_over_matmul_bf16'])}" + (f", MFU vs the GPU's bf16 peak = {_g(main['mfu'])}." if main["mfu"] else ".")]
+    if "fused_vs_unfused" in main:
+        r = main["fused_vs_unfused"]
+        lines += ["", f"Fused vs unfused (each in its own process; unfused = N x K distances + argmin and full logits + "
+                  f"F.cross_entropy swapped in for `ssl_zoo_kernels`): whole step {_g(r['step_speedup'])}x the unfused "
+                  f"images/s; head + loss peak memory {_g(r['head_loss_memory_ratio'])}x the unfused "
+                  f"({_g(r['head_loss_speedup'])}x faster); tokenizer peak memory {_g(r['tokenizer_memory_ratio'])}x "
+                  f"({_g(r['tokenizer_speedup'])}x faster); process peak {_g(r['peak_memory_ratio'])}x."]
+    cases = report["sweep"] + [report[k][v] for k, v in (("precision", "bf16"), ("compile", "compiled")) if k in report]
+    cases += report["sizes"]
+    if cases:
+        lines += ["", "| case | model (width x depth) | batch | precision | compile | images/s | s / step | peak RSS/alloc MiB |",
+                  "|---|---|---|---|---|---|---|---|", *(_case_row(r) for r in cases)]
+    extra = []
+    if "precision" in report:
+        extra.append(f"bf16 / fp32 images/s = {_g(report['precision']['bf16_speedup'])}")
+    if "compile" in report:
+        c = report["compile"]
+        extra.append(f"torch.compile / eager images/s = {_g(c['compile_speedup'])} (first compiled step {_g(c['compile_s'])} s)")
+    if extra:
+        lines += ["", "At the sweep model and its middle batch: " + "; ".join(extra) + "."]
+    if report.get("zero"):
+        lines += ["", "PeCo ViT-H/14 model states per GPU (DeepSpeed estimators; activations not included; stage 1 "
+                  "is estimated as stage 2, a lower bound; the frozen tokenizer adds its fp32 weights):", "",
+                  "| ZeRO stage | GPUs | trainable params | frozen params | GiB per GPU | CPU GiB per node |", "|---|---|---|---|---|---|"]
+        lines += [f"| {z['zero_stage']} | {z['gpus_per_node']} | {z['trainable_params'] / 1e6:.0f} M | "
+                  f"{z['frozen_params'] / 1e6:.0f} M | {z['gpu_gib_per_gpu']:.1f} | {z['cpu_gib_per_node']:.1f} |"
+                  for z in report["zero"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> str | None:
+    """Images/s and peak memory against batch size of the sweep; None when there is no sweep."""
+    sweep = report["sweep"]
+    if not sweep:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = [r["batch_size"] for r in sweep]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.plot(batches, [r["images_per_s"] for r in sweep], "o-")
+    left.set(xlabel="batch size", ylabel="images / s", title="throughput", xscale="log")
+    right.plot(batches, [r["peak_mib"] for r in sweep], "o-", color="tab:red")
+    right.set(xlabel="batch size", ylabel="peak MiB", title="peak memory", xscale="log")
+    model = sweep[0]["model"]
+    fig.suptitle(f"PeCo step, ViT {model.get('embed_dim')}x{model.get('depth')} @ {model.get('img_size')} px, "
+                 f"{sweep[0]['precision']}, {sweep[0]['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return str(path)
