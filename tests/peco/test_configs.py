@@ -1,0 +1,69 @@
+"""PeCo configs: composition, strict keys, stages of the main job, and the paper recipes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ssl_zoo.config import ConfigError, load_config
+from ssl_zoo.registry import METHODS
+from ssl_zoo_peco.beit import build_beit
+from ssl_zoo_peco.config import tokenizer_image_size
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("peco_vit_*ep.yaml"))
+
+
+def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_settings() -> None:
+    cfg = load_config(["method=peco", "output_dir=/tmp/x", "method.tokenizer_training.max_steps=7"])
+    stages = METHODS.get("peco").stages(cfg)
+    assert [s.name for s in stages] == ["tokenizer", "mim"]
+    assert stages[0].overrides[0] == "method=peco_tokenizer"
+    assert "trainer.max_steps=7" in stages[0].overrides and "trainer.betas=[0.5,0.9]" in stages[0].overrides
+    assert stages[1].overrides == ("method.tokenizer.checkpoint='/tmp/x/tokenizer/export/method.safetensors'",)
+    # the stage configs compose: user overrides for PeCo are valid in both stages
+    user = ["method=peco", "output_dir=/tmp/x", "method.mask.num_masked=10"]
+    for stage in stages:
+        stage_cfg = load_config([*user, *stage.overrides])
+        assert stage_cfg.method.mask.num_masked == 10
+    first = load_config([*user, *stages[0].overrides])
+    assert first.method.name == "peco_tokenizer" and first.trainer.max_steps == 7
+    assert list(first.trainer.betas) == [0.5, 0.9]
+
+
+def test_with_a_checkpoint_it_is_a_single_run() -> None:
+    cfg = load_config(["method=peco", "method.tokenizer.checkpoint=/some/tokenizer.safetensors"])
+    assert METHODS.get("peco").stages(cfg) == []
+
+
+def test_typos_and_bad_values_fail_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="method.tokenizer.quantizer.num_codez"):
+        load_config(["method=peco", "method.tokenizer.quantizer.num_codez=3"])
+    with pytest.raises(ConfigError, match="method.mask.num_masked"):
+        load_config(["method=peco", "method.mask.num_masked=many"])
+
+
+def test_tokenizer_view_size_follows_the_vit_grid() -> None:
+    assert tokenizer_image_size(load_config(["method=peco"])) == 96
+    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base"])) == 224
+    assert tokenizer_image_size(load_config(["method=peco", "model=vit_huge"])) == 256
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_paper_recipes_compose_and_build_on_meta(experiment: str) -> None:
+    cfg = load_config(["method=peco", f"experiment={experiment}", "data.root=/imagenet/train"])
+    net = build_beit(cfg.model, device="meta")
+    millions = sum(p.numel() for p in net.parameters()) / 1e6
+    expected = {"vit_base": 86, "vit_large": 304, "vit_huge": 632}
+    size = next(k for k in expected if k.split("_")[1] in experiment)
+    assert millions == pytest.approx(expected[size], rel=0.01)
+    grid = cfg.model.img_size // cfg.model.patch_size
+    assert cfg.method.tokenizer.quantizer.num_codes == 8192 and cfg.method.tokenizer.quantizer.dim == 256
+    assert cfg.trainer.batch_size * 16 == 2048  # per process, 16 processes
+    assert 0.38 <= cfg.method.mask.num_masked / grid**2 <= 0.40
+    epochs = 800 if "800ep" in experiment else 300
+    assert cfg.trainer.max_steps == round(epochs * 1281167 / 2048)
+    assert cfg.trainer.lr == 1.5e-3 and cfg.trainer.weight_decay == 0.05 and cfg.trainer.grad_clip == 3.0
+    stage1 = load_config(["method=peco", f"experiment={experiment}", "data.root=/imagenet/train",
+                          *METHODS.get("peco").stages(cfg)[0].overrides])
+    assert stage1.method.name == "peco_tokenizer" and list(stage1.trainer.betas) == [0.5, 0.9]
+    assert stage1.method.tokenizer.autoencoder.base_width == 128

@@ -1,0 +1,147 @@
+"""Stage 1 and stage 2 on a small fixed batch: losses fall, the GAN terms reach only their own side,
+the frozen tokenizer stays frozen, transforms give the promised views."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ssl_zoo.config import load_config
+from ssl_zoo_peco.discriminator import hinge_d_loss
+from ssl_zoo_peco.mim_method import Peco
+from ssl_zoo_peco.tokenizer_method import PecoTokenizer
+
+TINY = [
+    "model.img_size=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path_rate=0.0",
+    "method.tokenizer.autoencoder.base_width=8", "method.tokenizer.autoencoder.z_channels=16",
+    "method.tokenizer.autoencoder.norm_groups=4", "method.tokenizer.quantizer.num_codes=16",
+    "method.tokenizer.quantizer.dim=8", "method.tokenizer_loss.gan.width=8", "method.mask.num_masked=2",
+    "method.mask.min_block=1", "method.kernel_impl=torch",
+]
+
+
+def images(n: int = 4, size: int = 32) -> torch.Tensor:
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4), size=size, mode="bilinear")
+    return smooth * 2 - 1
+
+
+def train(method: torch.nn.Module, batch: dict, steps: int, lr: float, betas=(0.9, 0.999)) -> list[float]:
+    groups = method.param_groups(0.0)
+    for g in groups:
+        g.pop("lr_scale", None)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=betas)
+    method.train()
+    method.on_train_start(batch)
+    losses = []
+    for step in range(steps):
+        out = method.training_step(batch, step)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    return losses
+
+
+@pytest.fixture(scope="module")
+def tokenizer_export(tmp_path_factory) -> Path:
+    cfg = load_config(["method=peco_tokenizer", *TINY, "method.tokenizer_loss.gan.enabled=false"])
+    method = PecoTokenizer(cfg)
+    train(method, {"image": images()}, steps=5, lr=1e-3)
+    path = tmp_path_factory.mktemp("tok") / "method.safetensors"
+    save_file({k: v.contiguous() for k, v in method.state_dict().items()}, str(path))
+    return path
+
+
+def test_stage1_losses_fall_and_codebook_is_tracked() -> None:
+    cfg = load_config(["method=peco_tokenizer", *TINY, "method.tokenizer_loss.gan.start_step=1000"])
+    method = PecoTokenizer(cfg)
+    losses = train(method, {"image": images()}, steps=40, lr=2e-3, betas=(0.5, 0.9))
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    summary = method.summary()
+    assert 0 < summary["codebook_usage"] <= 1 and summary["codebook_perplexity"] >= 1
+    assert {"final_loss_pixel", "final_loss_perceptual"} <= set(summary)
+
+
+def test_gan_terms_reach_only_their_own_parameters() -> None:
+    cfg = load_config(["method=peco_tokenizer", *TINY, "method.tokenizer_loss.gan.start_step=0",
+                       "method.tokenizer_loss.pixel_weight=0", "method.tokenizer_loss.perceptual_weight=0",
+                       "method.tokenizer_loss.codebook_weight=0"])
+    method = PecoTokenizer(cfg).train()
+    batch = {"image": images()}
+    method.tokenizer.quantizer.kmeans_init(method.tokenizer.encode_latent(batch["image"]))
+    torch.manual_seed(1)
+    out = method.training_step(batch, step=0)
+    assert {"loss_g", "loss_d", "gan_weight"} <= set(out.metrics)
+    out.loss.backward()
+    disc_grads = [p.grad.clone() for p in method.discriminator.parameters()]
+    # the discriminator's gradient is exactly that of its hinge loss on detached reconstructions
+    method.zero_grad()
+    recon, _ = method.tokenizer(batch["image"])
+    hinge_d_loss(method.discriminator(batch["image"]), method.discriminator(recon.detach())).backward()
+    for got, want in zip(disc_grads, (p.grad for p in method.discriminator.parameters())):
+        assert torch.allclose(got, want, atol=1e-5)
+    # with the reconstruction losses off, the decoder learns only from the adversarial term (weight 0 here:
+    # the adaptive weight is the ratio of gradient norms and the reconstruction gradient is 0)
+    assert out.metrics["gan_weight"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_tokenizer_visualisations_are_written(tmp_path: Path) -> None:
+    cfg = load_config(["method=peco_tokenizer", *TINY])
+    method = PecoTokenizer(cfg)
+    paths = method.visualize({"image": images()}, tmp_path)
+    assert [p.name for p in paths] == ["reconstructions.png", "codebook_usage.png"]
+    grid = Image.open(paths[0])
+    assert grid.width > grid.height  # 4 pairs (input, reconstruction) side by side in one row
+
+
+def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"])
+    method = Peco(cfg)
+    frozen = {k: v.clone() for k, v in method.tokenizer.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    masks = torch.stack([torch.randperm(4, generator=gen) < 2 for _ in range(8)]).view(8, 2, 2)
+    x = torch.cat([images(), images().flip(0)])
+    batch = {"image": x, "tokenizer_view": x, "mask": masks}
+    losses = train(method, batch, steps=30, lr=3e-3)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    out = method.training_step(batch, 30)
+    assert 0.0 <= out.metrics["mim_accuracy"] <= 1.0
+    assert all(torch.equal(frozen[k], v) for k, v in method.tokenizer.state_dict().items())
+    assert all(not p.requires_grad for p in method.tokenizer.parameters())
+    assert "final_mim_accuracy" in method.summary()
+    exported = method.backbone_state_dict()
+    assert "blocks.1.attn.relative_position_bias_table" in exported and "mask_token" not in exported
+
+
+def test_stage2_rejects_a_tokenizer_of_another_grid(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                       "method.tokenizer.image_size=64"])
+    with pytest.raises(ValueError, match="patch grid"):
+        Peco(cfg)
+
+
+def test_stage2_names_the_mismatching_keys_of_a_wrong_tokenizer(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                       "method.tokenizer.quantizer.num_codes=32"])
+    with pytest.raises(ValueError, match=r"shape mismatch: .*quantizer.codebook \(16, 8\) vs \(32, 8\)"):
+        Peco(cfg)
+
+
+def test_mim_transform_gives_two_views_of_one_crop_and_an_exact_mask() -> None:
+    cfg = load_config(["method=peco", "model.img_size=64", "method.mask.num_masked=6",
+                       "method.tokenizer.image_size=64"])
+    transform = Peco.make_transform(cfg)
+    photo = Image.fromarray((torch.rand(120, 160, 3) * 255).to(torch.uint8).numpy())
+    sample = transform(photo, torch.Generator().manual_seed(3))
+    assert sample["image"].shape == (3, 64, 64) and sample["tokenizer_view"].shape == (3, 64, 64)
+    assert sample["mask"].shape == (4, 4) and int(sample["mask"].sum()) == 6
+    assert sample["tokenizer_view"].min() >= -1 and sample["tokenizer_view"].max() <= 1
+    # same crop: undo the two normalisations and compare
+    mean, std = torch.tensor(cfg.method.view.mean)[:, None, None], torch.tensor(cfg.method.view.std)[:, None, None]
+    assert torch.allclose(sample["image"] * std + mean, (sample["tokenizer_view"] + 1) / 2, atol=1e-5)
+    again = transform(photo, torch.Generator().manual_seed(3))
+    assert all(torch.equal(sample[k], again[k]) for k in sample)
