@@ -32,7 +32,7 @@ class AutoencoderConfig:
     attention_at_lowest: bool = True
     z_channels: int = 64  # full scale: 256
     dropout: float = 0.0
-    norm_groups: int = 16  # GroupNorm groups (VQGAN: 32)
+    norm_groups: int = 4  # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
 
 
 @dataclass
@@ -75,7 +75,7 @@ class PerceptualConfig:
     # inputs in [-1, 1] (mean = std = 0.5, TF-Lite convention). ViT: after blocks 3, 6, 9, 12 (1-based),
     # ImageNet mean/std.
     layers: Optional[List[int]] = None
-    layer_weights: Optional[List[float]] = None  # None: 1.0 each
+    layer_weights: Optional[List[float]] = None  # None: 1 / len(layers) each (the mean over layers)
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
     timm_model: str = "vit_base_patch16_224"

