@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", default="vit_tiny,vit_small,vit_base,vit_large,vit_huge" if gpu else
                    "vit_tiny,vit_small,vit_base", help="models timed at 224 px and --sizes-batch (%(default)s)")
     p.add_argument("--sizes-batch", type=int, default=8 if gpu else 2, help="batch of the model-size cases")
+    p.add_argument("--matmul-size", type=int, default=8192 if gpu else 2048,
+                   help="side of the square matmul whose fp32 and bf16 rates are measured (%(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip eager vs torch.compile (CPU: ~1-2 min compile)")
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused baseline")
     p.add_argument("--no-zero", action="store_true", help="skip the ZeRO memory estimates (imports DeepSpeed)")
@@ -74,12 +76,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON report path (default: benchmarks/results/throughput-<date>.json); the PNG goes beside it")
     p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every case in this process (quick checks: peak memory is then not per variant)")
     p.add_argument("--results-md", type=Path, default=ROOT / "RESULTS.md", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def run_worker(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_worker(cases: list[dict[str, Any]], in_process: bool = False) -> list[dict[str, Any]]:
     """Run cases in a fresh process (with the allocator settings of throughput_memory); its JSON result."""
+    if in_process:
+        from benchmarks.throughput_step import run_cases
+
+        return json.loads(json.dumps(run_cases(cases)))  # the same plain data as from a worker
     env = {**os.environ, **MALLOC_ENV}
     cmd = [sys.executable, "-m", "benchmarks.throughput_step", json.dumps({"cases": cases})]
     done = subprocess.run(cmd, cwd=ROOT.parent, env=env, capture_output=True, text=True)
@@ -123,7 +131,8 @@ def machine() -> dict[str, Any]:
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
+    """a / b, or None where either is unknown or b is 0 (a part that added no page of memory)."""
+    return None if a is None or not b else a / b
 
 
 def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
@@ -136,7 +145,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     main_case = {"overrides": main, "warmup": args.main_warmup, "repeats": args.main_repeats, "parts": True}
     jobs: dict[str, list[dict[str, Any]]] = {
         "rates": [{"name": "rates", "kind": "rates", "overrides": [*main[:-2], "trainer.batch_size=1"],
-                   "matmul_size": 8192 if gpu else 2048}],
+                   "matmul_size": args.matmul_size}],
         "fused": [{"name": "main_fused", "variant": "fused", **main_case}],
     }
     if not args.no_unfused:
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = {}
     for name, cases in plan(args).items():
         print(f"running {name} ...", file=sys.stderr, flush=True)
-        results[name] = run_worker(cases)
+        results[name] = run_worker(cases, args.in_process)
     report = {"command": "python -m benchmarks.throughput " + shlex.join(argv), "date": now.isoformat(timespec="seconds"),
               "machine": info, **summarise(results, args)}
     if not args.no_zero:

@@ -261,12 +261,13 @@ def rates_case(case: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {"name": case["name"], "rates": rates, "flops": step_flops(method, batch)}
 
 
-def main(argv: list[str]) -> None:
-    spec = json.loads(argv[0])
+def run_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ssl_zoo_bench_") as folder:
-        results = [(rates_case if case.get("kind") == "rates" else run_case)(case, Path(folder))
-                   for case in spec["cases"]]
-    print(json.dumps(results))
+        return [(rates_case if case.get("kind") == "rates" else run_case)(case, Path(folder)) for case in cases]
+
+
+def main(argv: list[str]) -> None:
+    print(json.dumps(run_cases(json.loads(argv[0])["cases"])))
 
 
 if __name__ == "__main__":

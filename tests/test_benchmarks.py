@@ -1,0 +1,59 @@
+"""Smoke test of the throughput benchmark at a tiny size: the report's structure and sane values, no timing
+thresholds (other jobs share the machine). Cases run in this process (`--in-process`) to keep it short."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import throughput
+from benchmarks.throughput_report import PART_NAMES
+from benchmarks.throughput_step import naive_masked_linear_cross_entropy, naive_vq_nearest
+
+
+def test_naive_ops_match_the_fused_ones() -> None:
+    """The unfused baseline must compute the same thing as the ops it replaces, or the comparison is void."""
+    import ssl_zoo_kernels
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    z, codes = torch.randn(300, 16, generator=g), torch.randn(64, 16, generator=g)
+    assert torch.equal(naive_vq_nearest(z, codes)[0], ssl_zoo_kernels.vq_nearest(z, codes, impl="torch")[0])
+    hidden, weight = torch.randn(3, 10, 8, generator=g), torch.randn(32, 8, generator=g)
+    targets, mask = torch.randint(0, 32, (3, 10), generator=g), torch.rand(3, 10, generator=g) < 0.4
+    naive = naive_masked_linear_cross_entropy(hidden, weight, None, targets, mask=mask)
+    fused = ssl_zoo_kernels.masked_linear_cross_entropy(hidden, weight, None, targets, mask=mask, impl="torch")
+    assert torch.allclose(naive, fused, atol=1e-5)
+
+
+def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
+    out, md = tmp_path / "report.json", tmp_path / "RESULTS.md"
+    report = throughput.main([
+        "model=vit_tiny", "model.depth=2", "--no-paper-tokenizer", "--batch", "2", "--main-warmup", "0",
+        "--main-repeats", "1", "--warmup", "0", "--repeats", "1", "--sweep-batches", "1,2", "--sizes", "",
+        "--matmul-size", "128", "--no-compile", "--no-zero", "--in-process", "--out", str(out),
+        "--results-md", str(md),
+    ])
+    assert json.loads(out.read_text())["command"] == report["command"]
+    assert out.with_suffix(".png").stat().st_size > 0
+    table = md.read_text()
+    assert "python -m benchmarks.throughput model=vit_tiny" in table and "| **whole step** |" in table
+
+    main = report["main"]
+    fused, unfused = main["fused"], main["unfused"]
+    for result in (fused, unfused):
+        assert result["images_per_s"] > 0 and result["peak_mib"] > 0
+        assert set(result["parts"]) == set(PART_NAMES)
+        assert all(part["s"] >= 0 for part in result["parts"].values())
+        assert result["parts"]["head_loss"]["added_mib"] >= 0
+    # the parts come from marks inside the same steps, so they add up to the whole step
+    assert sum(p["s"] for p in fused["parts"].values()) == pytest.approx(fused["step_s"], rel=1e-6)
+    assert report["flops"]["step_per_image"] > 0 and report["flops"]["backbone_attention_gmacs"] > 0
+    assert report["rates"]["matmul_fp32_flops"] > 0 and report["rates"]["matmul_bf16_flops"] > 0
+    assert main["achieved_flops"] > 0 and main["achieved_over_matmul_fp32"] > 0
+    ratios = main["fused_vs_unfused"]
+    assert ratios["step_speedup"] > 0 and ratios["head_loss_speedup"] > 0 and ratios["tokenizer_speedup"] > 0
+    assert "head_loss_memory_ratio" in ratios  # None where the unfused part added no page (tiny sizes)
+    assert [r["batch_size"] for r in report["sweep"]] == [1, 2]
+    assert report["precision"]["bf16_speedup"] > 0
