@@ -58,9 +58,17 @@ def _ce_rows_kernel(
 
 
 def ce_chunk_triton(
-    logits: torch.Tensor, targets: torch.Tensor, scale: float | torch.Tensor | None, label_smoothing: float
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: float | torch.Tensor | None,
+    label_smoothing: float,
+    want_correct: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of ``linear_ce.ce_chunk_torch``: per-row fp32 losses and #correct; in-place gradient."""
+    """Triton twin of ``linear_ce.ce_chunk_torch``: per-row fp32 losses and #correct; in-place gradient.
+
+    The kernel tracks the argmax in the same sweep as the max, so #correct is always counted and
+    ``want_correct`` (part of the shared chunk-op signature) changes nothing here.
+    """
     rows, vocab = logits.shape
     if logits.stride(1) != 1:
         raise ValueError("logits chunk must be contiguous along the class dimension")
