@@ -80,6 +80,15 @@ _GPU_CONFIGS = [
 _vq_assign_tuned = triton.autotune(configs=_GPU_CONFIGS, key=["K", "D"])(_vq_assign_kernel)
 
 
+def _fp32_dot_precision(interpreted: bool) -> str:
+    """How fp32 operands enter ``tl.dot``: like ``torch.matmul``, tf32 only when the user allowed it with
+    ``torch.set_float32_matmul_precision("high" | "medium")``; exact ("ieee") by default and always under
+    the interpreter. Half-precision operands are unaffected."""
+    if interpreted or torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton lookup for fp32 / bf16 / fp16 inputs; same contract as ``vq_nearest``."""
     if z.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -103,7 +112,7 @@ def vq_nearest_triton(z: torch.Tensor, codebook: torch.Tensor, metric: str) -> t
     flags = dict(
         COSINE=cosine,
         UPCAST=interpreted and z.dtype != torch.float32,
-        DOT_PRECISION="ieee" if interpreted or z.dtype == torch.float32 else "tf32",
+        DOT_PRECISION=_fp32_dot_precision(interpreted),
     )
     if interpreted:
         block_d = max(16, min(64, triton.next_power_of_2(d)))
