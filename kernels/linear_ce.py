@@ -240,17 +240,15 @@ def masked_linear_cross_entropy(
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets {tuple(targets.shape)} must match hidden's leading shape {tuple(hidden.shape[:-1])}")
-    if mask is not None and mask.shape != targets.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must match targets {tuple(targets.shape)}")
-    flat_t = targets.reshape(-1)
-    selected = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
-    sel_t = flat_t if selected is None else flat_t.index_select(0, selected)
-    counted = (sel_t != ignore_index).nonzero().squeeze(1)
-    rows = counted if selected is None else selected.index_select(0, counted)
-    x = hidden.reshape(-1, width)
-    if rows.numel() != x.shape[0]:  # gather only when some rows drop out (a copy of the counted rows)
-        x = x.index_select(0, rows)
-    t = sel_t.index_select(0, counted) if counted.numel() != sel_t.numel() else sel_t
+    if mask is not None and (mask.shape != targets.shape or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be bool with the shape of targets {tuple(targets.shape)}, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    valid = targets != ignore_index
+    counted = valid if mask is None else mask & valid
+    if bool(counted.all()):
+        x, t = hidden.reshape(-1, width), targets.reshape(-1)
+    else:  # boolean indexing gathers only the counted rows, even from a strided view like hidden[:, 1:]
+        x, t = hidden[counted], targets[counted]
     if t.numel() and not t.is_cuda and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
         raise IndexError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
 
@@ -271,9 +269,9 @@ def masked_linear_cross_entropy(
     loss, correct = _LinearCrossEntropy.apply(
         x, weight, bias, t, scale, float(label_smoothing), per_row, chunk_op, matmul_dtype, chunk, wants, return_accuracy
     )
-    if per_row:
-        full = loss.new_zeros(sel_t.numel()).index_put((counted,), loss)
-        loss = full.reshape(targets.shape) if mask is None else full
+    if per_row:  # scatter back to one loss per selected row, 0 where the target is ignored
+        kept = valid if mask is None else valid[mask]
+        loss = loss.new_zeros(kept.shape).masked_scatter(kept, loss)
     if not return_accuracy:
         return loss
     return loss, correct.float() / max(n, 1)

@@ -148,6 +148,29 @@ def test_rejects_out_of_range_targets_and_bad_shapes() -> None:
         masked_linear_cross_entropy(hidden, weight, bias, targets[:, :3])
     with pytest.raises(ValueError):
         masked_linear_cross_entropy(hidden, weight, bias, targets, reduction="avg")
+    with pytest.raises(ValueError):
+        masked_linear_cross_entropy(hidden, weight, bias, targets, mask=mask.long())
+
+
+def test_strided_hidden_view_is_gathered_without_a_full_copy() -> None:
+    """PeCo passes hidden[:, 1:] (dropping [CLS]); only the counted rows may be copied."""
+    seed = fresh_seed()
+    tokens, width, vocab = 197, 16, 40
+    full = torch.randn(4, tokens, width, dtype=torch.float64, requires_grad=True)
+    hidden = full[:, 1:]
+    weight = torch.randn(vocab, width, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, vocab, (4, tokens - 1))
+    mask = torch.zeros(4, tokens - 1, dtype=torch.bool)
+    mask[:, :20] = True
+    with largest_tensor() as rec:
+        loss = masked_linear_cross_entropy(hidden, weight, None, targets, mask, chunk_size=16)
+    assert rec.largest < hidden.numel() // 2, f"largest tensor {rec.largest} of {hidden.numel()}"
+    ref = reference_ce(hidden, weight, None, targets, mask, -100, 0.0, "mean")
+    assert_close(loss, ref, 1e-10, 1e-12, f"seed={seed}")
+    got = torch.autograd.grad(loss, (full, weight))
+    want = torch.autograd.grad(ref, (full, weight))
+    for g, w in zip(got, want):
+        assert_close(g, w, 1e-10, 1e-12, f"seed={seed} grad")
 
 
 @pytest.mark.parametrize("autocast", [False, True])
