@@ -89,7 +89,7 @@ class GanConfig:
     """PatchGAN discriminator with hinge loss and VQGAN's adaptive weight."""
 
     enabled: bool = True
-    start_step: int = 150
+    start_step: int = 120
     weight: float = 0.8  # factor on the adaptive weight
     max_adaptive_weight: float = 1e4
     num_layers: int = 3
@@ -111,10 +111,10 @@ class StageTrainingConfig:
     """Trainer settings of the tokenizer stage, passed as `trainer.*` overrides to that stage's run.
     VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
 
-    max_steps: int = 200
+    max_steps: int = 160
     batch_size: int = 16
-    lr: float = 1e-3
-    min_lr: float = 1e-4
+    lr: float = 6e-4
+    min_lr: float = 6e-5
     warmup_steps: int = 10
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
