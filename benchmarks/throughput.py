@@ -141,7 +141,6 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     mask = [] if any(o.startswith("model=") for o in args.overrides) else MASK_224  # another model: its own mask
     main = [*BASE, *tokenizer, *mask, *args.overrides, f"trainer.batch_size={args.batch}",
             f"trainer.precision={args.precision}"]
-    gpu = torch.cuda.is_available()
     main_case = {"overrides": main, "warmup": args.main_warmup, "repeats": args.main_repeats, "parts": True}
     jobs: dict[str, list[dict[str, Any]]] = {
         "rates": [{"name": "rates", "kind": "rates", "overrides": [*main[:-2], "trainer.batch_size=1"],
