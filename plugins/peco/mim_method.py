@@ -25,7 +25,7 @@ from ssl_zoo.registry import BACKBONES, METHODS
 from .checkpoints import load_strict, tokenizer_state
 from .config import PecoConfig, tokenizer_image_size
 from .masking import BlockMaskGenerator
-from .transforms import mim_transform
+from .transforms import MimTransform
 from .vqgan import VQTokenizer
 
 STAGE1_TRAINER_KEYS = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
@@ -83,7 +83,7 @@ class Peco(Method):
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
         grid = cfg.model.img_size // cfg.model.patch_size
         masks = BlockMaskGenerator((grid, grid), cfg.method.mask)
-        return mim_transform(cfg.method.view, cfg.model.img_size, tokenizer_image_size(cfg), masks)
+        return MimTransform(cfg.method.view, cfg.model.img_size, tokenizer_image_size(cfg), masks)
 
     def train(self, mode: bool = True) -> "Peco":
         super().train(mode)

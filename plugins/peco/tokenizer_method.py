@@ -23,7 +23,7 @@ from ssl_zoo.registry import METHODS
 from .config import PecoTokenizerConfig, tokenizer_image_size
 from .discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .perceptual import PerceptualLoss
-from .transforms import tokenizer_transform
+from .transforms import TokenizerTransform
 from .vqgan import VQTokenizer
 
 
@@ -44,7 +44,7 @@ class PecoTokenizer(Method):
 
     @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
-        return tokenizer_transform(cfg.method.view, tokenizer_image_size(cfg))
+        return TokenizerTransform(cfg.method.view, tokenizer_image_size(cfg))
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         groups = [{"params": [p for p in self.tokenizer.parameters() if p.requires_grad], "weight_decay": weight_decay}]

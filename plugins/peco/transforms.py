@@ -5,7 +5,6 @@ reproducible and a resumed run sees the same views.
 """
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 import torchvision.transforms.functional as TF
@@ -16,7 +15,6 @@ from ssl_zoo.data.transforms import color_jitter, random_resized_crop_box
 from .config import ViewConfig
 from .masking import BlockMaskGenerator
 
-Transform = Callable[[Image.Image, torch.Generator], dict[str, torch.Tensor]]
 BICUBIC = TF.InterpolationMode.BICUBIC
 
 
@@ -43,25 +41,28 @@ def tokenizer_view(view: Image.Image) -> torch.Tensor:
     return TF.to_tensor(view) * 2 - 1
 
 
-def tokenizer_transform(cfg: ViewConfig, size: int) -> Transform:
-    """Stage 1: `{"image": (3, size, size) in [-1, 1]}`."""
+class TokenizerTransform:
+    """Stage 1: `{"image": (3, size, size) in [-1, 1]}`. Classes, not closures, so that data-loader workers
+    started by spawn (local DDP ranks) can pickle them."""
 
-    def transform(img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"image": tokenizer_view(_crop(img, cfg, size, generator))}
+    def __init__(self, cfg: ViewConfig, size: int) -> None:
+        self.cfg, self.size = cfg, size
 
-    return transform
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"image": tokenizer_view(_crop(img, self.cfg, self.size, generator))}
 
 
-def mim_transform(cfg: ViewConfig, vit_size: int, tokenizer_size: int, masks: BlockMaskGenerator) -> Transform:
+class MimTransform:
     """Stage 2: the ViT view (ImageNet-normalised), the tokenizer view of the same crop, and the block mask."""
-    mean, std = list(cfg.mean), list(cfg.std)
 
-    def transform(img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        view = _crop(img, cfg, max(vit_size, tokenizer_size), generator)
+    def __init__(self, cfg: ViewConfig, vit_size: int, tokenizer_size: int, masks: BlockMaskGenerator) -> None:
+        self.cfg, self.vit_size, self.tokenizer_size, self.masks = cfg, vit_size, tokenizer_size, masks
+        self.mean, self.std = list(cfg.mean), list(cfg.std)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        view = _crop(img, self.cfg, max(self.vit_size, self.tokenizer_size), generator)
         return {
-            "image": TF.normalize(TF.to_tensor(_resize(view, vit_size)), mean, std),
-            "tokenizer_view": tokenizer_view(_resize(view, tokenizer_size)),
-            "mask": masks(generator),
+            "image": TF.normalize(TF.to_tensor(_resize(view, self.vit_size)), self.mean, self.std),
+            "tokenizer_view": tokenizer_view(_resize(view, self.tokenizer_size)),
+            "mask": self.masks(generator),
         }
-
-    return transform
