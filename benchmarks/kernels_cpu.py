@@ -167,27 +167,37 @@ def _machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def _ratio(a: dict, b: dict | None, key: str) -> str:
-    return f"{a[key] / b[key]:.2f}" if b and b[key] > 0 else "-"
+REFERENCES = {"lookup": ("vq_faiss", "vq_cdist_argmin", "vq_matmul"), "loss": ("ce_torch_chunked", "ce_naive", "ce_matmul_x3")}
 
 
-def _table(rows: list[dict], agree: dict[str, float]) -> str:
-    by = {r["variant"]: r for r in rows}
-    ref = {"lookup": ("vq_faiss", "vq_cdist_argmin", "vq_matmul"), "loss": ("ce_torch_chunked", "ce_naive", "ce_matmul_x3")}
-    lines = ["| op | variant | median s (min) | x peer time | x bare matmul | peak extra MB | x peer mem | x naive mem |",
+def _paired_ratio(runs: dict[str, list[dict]], name: str, ref: str, key: str) -> str:
+    """Median over rounds of (name / ref) within each round: both ran minutes apart under the same load."""
+    pairs = [a[key] / b[key] for a, b in zip(runs.get(name, []), runs.get(ref, [])) if b[key] > 0]
+    return f"{statistics.median(pairs):.2f}" if pairs else "-"
+
+
+def _table(runs: dict[str, list[dict]], agree: dict[str, float]) -> str:
+    """Markdown table: per variant the median over rounds of its per-process median time (fastest single
+    run in brackets), paired time ratios, and the largest peak over its processes."""
+    lines = ["| op | variant | median s (fastest) | x peer time | x bare matmul | peak extra MB | x peer mem | x naive mem |",
              "|---|---|---|---|---|---|---|---|"]
     for op, names in VARIANTS.items():
-        peer, naive, mm = (by.get(n) for n in ref[op])
+        peer, naive, bare = REFERENCES[op]
         for name in names:
-            r = by.get(name)
-            if r is None:
+            if name not in runs:
                 continue
-            lines.append(f"| {op} | {name} | {r['median_s']:.3f} ({r['min_s']:.3f}) | {_ratio(r, peer, 'median_s')} | "
-                         f"{_ratio(r, mm, 'median_s')} | {r['peak_mb']:.0f} | {_ratio(r, peer, 'peak_mb')} | "
-                         f"{_ratio(r, naive, 'peak_mb')} |")
+            rs = runs[name]
+            med = statistics.median(r["median_s"] for r in rs)
+            fastest = min(r["min_s"] for r in rs)
+            peak = max(r["peak_mb"] for r in rs)
+            peak_of = {n: max(r["peak_mb"] for r in runs[n]) for n in (peer, naive) if n in runs}
+            mem_ratio = {n: f"{peak / v:.2f}" if v > 0 else "-" for n, v in peak_of.items()}
+            lines.append(f"| {op} | {name} | {med:.3f} ({fastest:.3f}) | {_paired_ratio(runs, name, peer, 'median_s')} | "
+                         f"{_paired_ratio(runs, name, bare, 'median_s')} | {peak:.0f} | {mem_ratio.get(peer, '-')} | "
+                         f"{mem_ratio.get(naive, '-')} |")
     for name, share in agree.items():
         lines.append(f"\nLookup picks of {name} equal faiss IndexFlatL2's on {share * 100:.4f}% of the {N} queries.")
-    losses = {r["variant"]: r["loss"] for r in rows if "loss" in r}
+    losses = {name: rs[-1]["loss"] for name, rs in runs.items() if "loss" in rs[-1]}
     if losses:
         lines.append("Loss values: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) + ".")
     return "\n".join(lines)
@@ -197,48 +207,44 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", help="run one variant in this process and print JSON")
     parser.add_argument("--only", choices=sorted(VARIANTS), help="run only the lookup or the loss variants")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per process (after one warm-up)")
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="processes per variant, interleaved across variants; the best median is kept")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per process (after one warm-up)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="processes per variant, interleaved across variants (ratios are taken within a round)")
     parser.add_argument("--picks-out", help=argparse.SUPPRESS)
     parser.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.repeats, args.picks_out)))
         return
-    best: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        # Rounds interleave the variants, so a burst of load from other processes hits them alike.
-        for _ in range(args.rounds):
+        # Rounds interleave the variants, starting each round at the next variant, so a burst of load from
+        # other processes hits them alike; ratios are then taken within a round.
+        for rnd in range(args.rounds):
             for op, names in VARIANTS.items():
                 if args.only and op != args.only:
                     continue
-                for name in names:
+                for name in names[rnd % len(names):] + names[: rnd % len(names)]:
                     cmd = [sys.executable, "-m", "benchmarks.kernels_cpu", "--variant", name, "--repeats",
                            str(args.repeats), "--picks-out", os.path.join(tmp, f"{name}.npy")]
                     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
                     if proc.returncode != 0:
                         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-                    res = json.loads(proc.stdout.strip().splitlines()[-1])
-                    print(f"{name}: {res}", flush=True)
-                    old = best.get(name)
-                    if old is None or res["median_s"] < old["median_s"]:
-                        best[name] = dict(res, peak_mb=max(res["peak_mb"], old["peak_mb"] if old else 0.0))
-                    else:
-                        old["peak_mb"] = max(old["peak_mb"], res["peak_mb"])
+                    runs.setdefault(name, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                    print(f"round {rnd}: {runs[name][-1]}", flush=True)
         agree = {name: float((np.load(Path(tmp, f"{name}.npy")) == np.load(Path(tmp, "vq_faiss.npy"))).mean())
                  for name in ("vq_ours", "vq_ours_tiles") if Path(tmp, f"{name}.npy").exists() and Path(tmp, "vq_faiss.npy").exists()}
-    rows = list(best.values())
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
-    table = _table(rows, agree)
+    table = _table(runs, agree)
     print(table)
     if not args.no_append:
         command = "python -m benchmarks.kernels_cpu " + " ".join(sys.argv[1:])
         stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
         header = (f"\n## Kernels, CPU ({stamp})\n\nMachine: {_machine()}; {load} (other work shared the cores). "
                   f"Command: `{command.strip()}`: each variant in its own process, {args.repeats} timed runs after a "
-                  f"warm-up, {args.rounds} interleaved rounds, best median kept (min in brackets).\n\n")
+                  f"warm-up, {args.rounds} interleaved rounds; times are medians over rounds, ratios medians of "
+                  f"within-round ratios, peaks the largest over rounds.\n\n")
         with RESULTS.open("a") as f:
             f.write(header + table + "\n")
 
