@@ -3,6 +3,7 @@
     python -m benchmarks.kernels_cpu                 # all variants, prints a table, appends RESULTS.md
     python -m benchmarks.kernels_cpu --no-append     # print only
     python -m benchmarks.kernels_cpu --variant NAME  # one variant in this process, JSON on stdout
+    python -m benchmarks.kernels_cpu --pair OURS PEER  # alternate two variants in this process, JSON
 
 Lookup at N=32768, K=8192, D=256 (fp32): ours (``vq_nearest``, which on CPU hands the search to faiss
 when it imports), our own tiled PyTorch path (``vq_nearest_torch``), faiss-cpu IndexFlatL2
@@ -13,6 +14,10 @@ options=LinearCrossEntropyOptions())``, full logits + ``F.cross_entropy``, and t
 any forward + backward must run (6MHV flops). The loss input is a PeCo-like (256, 196, 768) batch with
 exactly 128 masked tokens per image, and every variant starts from it (peers gather ``hidden[mask]``
 inside the timed region, as ours does).
+
+Other processes may share the cores: besides the per-variant processes (rotated rounds, ratios taken
+within a round), each of our variants is also timed against its peer alternately in one process
+(``--pair``), the comparison that load bursts disturb least.
 
 Peak memory: each variant runs in a fresh process; after its inputs exist, the kernel's peak-RSS mark
 is reset (``/proc/self/clear_refs`` = 5) and the reported figure is VmHWM minus the RSS at that moment,
@@ -158,6 +163,26 @@ def run_variant(variant: str, repeats: int, picks_out: str | None) -> dict:
     return result
 
 
+PAIRS = [("vq_ours", "vq_faiss"), ("vq_ours_tiles", "vq_faiss"), ("ce_ours", "ce_torch_chunked")]
+
+
+def run_paired(ours: str, peer: str, alternations: int) -> dict:
+    """Time ``ours`` and ``peer`` alternately in one process (order flipped each time) and return the
+    median of the per-alternation time ratios. Runs seconds apart see the same load from other processes,
+    which the per-variant processes, minutes apart, do not; memory is not measured here."""
+    fa, fb = _make(ours), _make(peer)
+    fa(), fb()  # warm-up both
+    ratios = []
+    for i in range(alternations):
+        took = {}
+        for name, fn in ((ours, fa), (peer, fb)) if i % 2 == 0 else ((peer, fb), (ours, fa)):
+            t0 = time.perf_counter()
+            fn()
+            took[name] = time.perf_counter() - t0
+        ratios.append(took[ours] / took[peer])
+    return {"ours": ours, "peer": peer, "median_ratio": statistics.median(ratios), "ratios": ratios}
+
+
 def _machine() -> str:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -210,11 +235,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per process (after one warm-up)")
     parser.add_argument("--rounds", type=int, default=5,
                         help="processes per variant, interleaved across variants (ratios are taken within a round)")
+    parser.add_argument("--pair", nargs=2, metavar=("OURS", "PEER"), help="alternate two variants in this process")
+    parser.add_argument("--alternations", type=int, default=6, help="alternations per pair (ours then peer, flipped)")
     parser.add_argument("--picks-out", help=argparse.SUPPRESS)
     parser.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args.variant, args.repeats, args.picks_out)))
+        return
+    if args.pair:
+        print(json.dumps(run_paired(*args.pair, args.alternations)))
         return
     runs: dict[str, list[dict]] = {}
     load_before = os.getloadavg()
@@ -235,8 +265,24 @@ def main() -> None:
                     print(f"round {rnd}: {runs[name][-1]}", flush=True)
         agree = {name: float((np.load(Path(tmp, f"{name}.npy")) == np.load(Path(tmp, "vq_faiss.npy"))).mean())
                  for name in ("vq_ours", "vq_ours_tiles") if Path(tmp, f"{name}.npy").exists() and Path(tmp, "vq_faiss.npy").exists()}
+        paired = []
+        for ours, peer in PAIRS:
+            if args.only and ours not in VARIANTS[args.only]:
+                continue
+            cmd = [sys.executable, "-m", "benchmarks.kernels_cpu", "--pair", ours, peer, "--alternations",
+                   str(args.alternations)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+            if proc.returncode != 0:
+                raise SystemExit(f"pair {ours}/{peer} failed:\n{proc.stderr[-3000:]}")
+            paired.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"paired: {paired[-1]}", flush=True)
     load = f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after"
     table = _table(runs, agree)
+    if paired:
+        table += (f"\n\nPaired timing, one process per pair, {args.alternations} alternations (order flipped each "
+                  "time), median of the per-alternation time ratios:\n\n| ours | peer | time ratio | ratios |\n|---|---|---|---|\n")
+        table += "\n".join(f"| {p['ours']} | {p['peer']} | {p['median_ratio']:.2f} | "
+                            f"{' '.join(f'{r:.2f}' for r in p['ratios'])} |" for p in paired)
     print(table)
     if not args.no_append:
         command = "python -m benchmarks.kernels_cpu " + " ".join(sys.argv[1:])
