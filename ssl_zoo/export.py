@@ -44,7 +44,15 @@ def export(run_dir: Path, checkpoint: Path | None = None, out: Path | None = Non
     cfg = from_container(OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True))
     state = checkpoint_state_dict(Path(checkpoint))
     method = METHODS.get(cfg.method.name)(cfg)  # built to learn which weights form the backbone
-    method.load_state_dict(state)
+    missing, unexpected = method.load_state_dict(state, strict=False)
+    trainable = {name for name, param in method.named_parameters() if param.requires_grad}
+    lost = [key for key in missing if key in trainable]
+    if unexpected or lost:
+        raise ValueError(f"checkpoint '{checkpoint}' does not fit method '{cfg.method.name}': "
+                         f"missing {lost[:5]}, unexpected {unexpected[:5]}")
+    # ZeRO's reader returns what the optimiser owned; frozen parts (PeCo's tokenizer) come from the method as
+    # its config builds it, i.e. from the same files the run loaded them from
+    state = method.state_dict()
     meta = {"method": cfg.method.name, "checkpoint": str(checkpoint)}
     paths = [out / "method.safetensors", out / "backbone.safetensors"]
     save_safetensors(state, paths[0], meta)
@@ -60,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = export(args.run_dir, args.checkpoint, args.out)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in paths:

@@ -53,6 +53,11 @@ class BeitMIM(Beit):
     def grid_size(self) -> tuple[int, int]:
         return tuple(self.patch_embed.grid_size)
 
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """timm's forward (features and head) without a mask, `forward_mim` with one. MIM goes through
+        `forward` because ZeRO-3 gathers a module's own parameters (cls and mask tokens) only around it."""
+        return super().forward(images) if mask is None else self.forward_mim(images, mask)
+
     def forward_mim(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images and a (B, N) or (B, h, w) boolean mask -> (B, 1 + N, C) normalised tokens."""
         x = self.patch_embed(images)

@@ -32,6 +32,34 @@ STAGE1_TRAINER_KEYS = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps"
                        "grad_clip", "log_every", "checkpoint_every")
 
 
+class MimHead(nn.Module):
+    """Linear head over the vocabulary fused with the masked cross-entropy (no full logits).
+
+    A module whose forward takes the weights, rather than a call on `head.weight` from outside: ZeRO-3 gathers
+    a module's partitioned parameters only around that module's own forward and backward."""
+
+    def __init__(self, width: int, vocab_size: int, kernel_impl: str) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, width))
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        trunc_normal_(self.weight, std=0.02)
+        self.kernel_impl = kernel_impl
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return ssl_zoo_kernels.masked_linear_cross_entropy(
+            hidden, self.weight, self.bias, targets, mask=mask, label_smoothing=label_smoothing,
+            impl=self.kernel_impl, return_accuracy=True)
+
+
 def _override_value(value: Any) -> str:
     if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(str(v) for v in value) + "]"
@@ -43,7 +71,6 @@ class Peco(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
         section = cfg.method
-        self.kernel_impl = section.kernel_impl
         self.label_smoothing = section.label_smoothing
         self.backbone = BACKBONES.build(cfg.model)
         path = section.tokenizer.checkpoint
@@ -63,9 +90,7 @@ class Peco(Method):
                 f"the tokenizer's token grid {grid}x{grid} (image size {image_size} / {self.tokenizer.factor}) must "
                 f"equal the ViT's patch grid {self.backbone.grid_size} (model.img_size / model.patch_size); "
                 "leave method.tokenizer.image_size unset to derive it from the model")
-        self.head = nn.Linear(self.backbone.embed_dim, self.tokenizer.vocab_size)
-        trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = MimHead(self.backbone.embed_dim, self.tokenizer.vocab_size, section.kernel_impl)
         self.last_metrics: dict[str, float] = {}
 
     # ---- stages and data ---------------------------------------------------------------------
@@ -94,11 +119,8 @@ class Peco(Method):
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         mask = batch["mask"].flatten(1)
         targets = self.tokenizer.tokenize(batch["tokenizer_view"].contiguous(memory_format=self.memory_format))
-        hidden = self.backbone.forward_mim(batch["image"], mask)[:, 1:]
-        loss, accuracy = ssl_zoo_kernels.masked_linear_cross_entropy(
-            hidden, self.head.weight, self.head.bias, targets, mask=mask,
-            label_smoothing=self.label_smoothing, impl=self.kernel_impl, return_accuracy=True,
-        )
+        hidden = self.backbone(batch["image"], mask)[:, 1:]
+        loss, accuracy = self.head(hidden, targets, mask, self.label_smoothing)
         metrics = {"mim_accuracy": float(accuracy)}
         self.last_metrics = {"mim_loss": loss.item(), **metrics}
         return StepOutput(loss, metrics)

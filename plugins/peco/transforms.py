@@ -5,7 +5,6 @@ reproducible and a resumed run sees the same views.
 """
 from __future__ import annotations
 
-
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image

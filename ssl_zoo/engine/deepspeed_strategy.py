@@ -102,6 +102,9 @@ class DeepSpeedStrategy:
             out.mkdir(parents=True, exist_ok=True)
             (out / "deepspeed_config.json").write_text(json.dumps(self.ds_config, indent=2) + "\n")
         method = method.to(device)
+        for param in method.parameters():  # DeepSpeed broadcasts parameters as raw bytes: that needs the
+            if param.ndim and param.stride(-1) != 1:  # row-major layout, which channels_last weights lack
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
         if self.trainer.offload_optimizer:  # offloaded states need DeepSpeed's CPU Adam (a C++ build)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

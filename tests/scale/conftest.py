@@ -16,6 +16,13 @@ SLURM_SCRIPTS = REPO.parent / "shared" / "slurm"
 TOY = ["plugins=[tests.plugins.toy_method]", "method=toy_autoencoder", "model=toy_mlp", "trainer.device=cpu",
        "trainer.batch_size=8", "trainer.log_every=1", "data.image_size=32", "data.samples_per_epoch=64",
        "data.num_workers=0", "trainer.warmup_steps=2", "trainer.lr=3e-3"]
+#: a tiny PeCo on the embedded photos: ViT with 2 blocks on a 4 x 4 patch grid, 64 codes, 3 tokenizer steps
+TINY_PECO = ["method=peco", "model.img_size=64", "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
+             "method.mask.num_masked=6", "method.mask.min_block=2", "method.tokenizer.quantizer.num_codes=64",
+             "method.tokenizer_training.max_steps=3", "method.tokenizer_training.batch_size=8",
+             "method.tokenizer_training.log_every=1", "data.image_size=64", "data.samples_per_epoch=64",
+             "data.num_workers=0", "trainer.device=cpu", "trainer.batch_size=8", "trainer.log_every=1",
+             "trainer.warmup_steps=2", "trainer.lr=3e-3"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,6 +41,15 @@ def run_zoo(*overrides: str, timeout: float = 300) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage-1 export of the tiny PeCo tokenizer, trained for 3 steps by the real CLI."""
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    run_zoo(*[o.replace("method=peco", "method=peco_tokenizer") for o in TINY_PECO], "trainer.max_steps=3",
+            f"output_dir={out}")
+    return out / "export" / "method.safetensors"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.scale.conftest import REPO, TOY, child_env, run_zoo
+from tests.scale.conftest import REPO, TINY_PECO, child_env, run_zoo
 
 pytestmark = pytest.mark.deepspeed
 
@@ -41,8 +41,8 @@ def _optimizer_states(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_trains_resumes_exactly_and_exports(stage: int, tmp_path: Path) -> None:
-    args = [*TOY, "trainer.strategy=deepspeed", f"trainer.zero_stage={stage}", "launcher.nprocs=2",
+def test_zero_trains_resumes_exactly_and_exports(stage: int, tmp_path: Path, tiny_tokenizer: Path) -> None:
+    args = [*TINY_PECO, f"method.tokenizer.checkpoint={tiny_tokenizer}", "trainer.strategy=deepspeed", f"trainer.zero_stage={stage}", "launcher.nprocs=2",
             "trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=3", "trainer.lr=1e-2"]
     full = tmp_path / "full"
     run_zoo(*args, f"output_dir={full}")

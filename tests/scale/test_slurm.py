@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.scale.conftest import TOY, run_zoo
+from tests.scale.conftest import TINY_PECO, TOY, run_zoo
 
 pytestmark = pytest.mark.slurm
 
@@ -22,15 +22,21 @@ def _attempts(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
 
 
-def test_single_task_job_completes(slurm_partition: str, tmp_path: Path) -> None:
-    proc = run_zoo(*_slurm(tmp_path, slurm_partition, "trainer.max_steps=12"))
-    run = tmp_path / "run"
-    assert "submitted SLURM job" in proc.stdout and "tail -f" in proc.stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 12 and (run / "export" / "method.safetensors").is_file()
-    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+def test_peco_main_job_completes_through_slurm(slurm_partition: str, tmp_path: Path) -> None:
+    """Both PeCo stages (tokenizer, then masked image modelling), each a SLURM job, at a tiny size."""
+    out = tmp_path / "run"
+    proc = run_zoo(*TINY_PECO, "trainer.max_steps=12", "launcher=slurm", f"launcher.partition={slurm_partition}",
+                   "launcher.mem_gb=4", f"output_dir={out}", timeout=600)
+    assert proc.stdout.count("submitted SLURM job") == 2 and "tail -f" in proc.stdout
+    tokenizer, mim = out / "tokenizer", out / "mim"
+    assert json.loads((tokenizer / "summary.json").read_text())["codebook_usage"] > 0
+    summary = json.loads((mim / "summary.json").read_text())
+    assert summary["steps"] == 12 and (mim / "export" / "backbone.safetensors").is_file()
+    assert "final_mim_accuracy" in summary
+    losses = [json.loads(line)["loss"] for line in (mim / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 12 and sum(losses[-3:]) < sum(losses[:3])
-    assert [a["outcome"] for a in _attempts(run)] == ["finished"]
+    for stage in (tokenizer, mim):
+        assert [a["outcome"] for a in _attempts(stage)] == ["finished"]
 
 
 def test_two_task_job_trains_with_ddp(slurm_partition: str, tmp_path: Path) -> None:
