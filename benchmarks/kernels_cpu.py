@@ -220,12 +220,12 @@ def _table(runs: dict[str, list[dict]], agree: dict[str, float]) -> str:
             lines.append(f"| {op} | {name} | {med:.3f} ({fastest:.3f}) | {_paired_ratio(runs, name, peer, 'median_s')} | "
                          f"{_paired_ratio(runs, name, bare, 'median_s')} | {peak:.0f} | {mem_ratio.get(peer, '-')} | "
                          f"{mem_ratio.get(naive, '-')} |")
-    for name, share in agree.items():
-        lines.append(f"\nLookup picks of {name} equal faiss IndexFlatL2's on {share * 100:.4f}% of the {N} queries.")
+    notes = [f"Lookup picks of {name} equal faiss IndexFlatL2's on {share * 100:.4f}% of the {N} queries."
+             for name, share in agree.items()]
     losses = {name: rs[-1]["loss"] for name, rs in runs.items() if "loss" in rs[-1]}
     if losses:
-        lines.append("Loss values: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) + ".")
-    return "\n".join(lines)
+        notes.append("Loss values: " + ", ".join(f"{k} {v:.6f}" for k, v in losses.items()) + ".")
+    return "\n".join(lines) + ("\n\n" + " ".join(notes) if notes else "")
 
 
 def main() -> None:
