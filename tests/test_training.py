@@ -64,7 +64,7 @@ def test_sigkill_then_same_command_resumes_exactly(cli, tmp_path):
     logged_before = [r["step"] for r in read_metrics(tmp_path / "killed")]
 
     out = cli(*common, "output_dir=killed", "method.step_delay_s=0.05", cwd=tmp_path).stdout
-    assert "resuming from" in out and "(step 20)" in out or "(step 30)" in out
+    assert "resuming from" in out and ("(step 20)" in out or "(step 30)" in out)
     resumed = reproducible(read_metrics(tmp_path / "killed"))
     straight = reproducible(read_metrics(tmp_path / "straight"))
     assert max(logged_before) >= 20
