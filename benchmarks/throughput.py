@@ -6,11 +6,13 @@ data=synthetic` with the paper-size tokenizer and BEiT's 224 px mask) and measur
 - the main case (CPU: ViT-B/16 224 px, batch 32, fp32; GPU: batch 64, bf16): images/s of the whole step and
   of its parts, peak memory, FLOPs per image (fvcore + attention), achieved FLOP/s against fp32 and bf16
   matmul rates measured in the same run (and MFU against the GPU's peak);
-- fused (`ssl_zoo_kernels`) against unfused (materialised distances and logits) in separate processes;
+- fused (`ssl_zoo_kernels`) against unfused (materialised distances and logits): the same model, their
+  steps alternating in one process (A B, then B A, ...), so load bursts hit both;
 - a batch-size sweep, fp32 against bf16 and eager against torch.compile at a smaller model; model sizes;
 - per-GPU memory of the model states of ViT-H/14 under ZeRO 1-3 from DeepSpeed's estimators.
 
-Every group of cases runs in its own process (`benchmarks.throughput_step`), so its peak memory is its own.
+Every group of cases runs in its own process (`benchmarks.throughput_step`), so its peak memory is its own
+(the fused and unfused main steps share one; their peaks are read per step).
 Writes a JSON report (`benchmarks/results/throughput-<date>.json` or `--out`), a PNG plot beside it, and
 appends a markdown table with machine, command and date to `benchmarks/RESULTS.md` (unless `--no-append`).
 """
@@ -53,8 +55,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64 if gpu else 32, help="main case batch size (default: %(default)s)")
     p.add_argument("--precision", default="bf16" if gpu else "fp32", help="main case trainer.precision (%(default)s)")
     p.add_argument("--main-warmup", type=int, default=2 if gpu else 1, help="untimed steps of the main case")
+    p.add_argument("--main-warmup-batch", type=int, default=0 if gpu else 2,
+                   help="images per warm-up step of the main case, 0 = the full batch (CPU default 2: a full "
+                        "ViT-B step takes minutes and warming up does not need it)")
     p.add_argument("--main-repeats", type=int, default=10 if gpu else 1,
-                   help="timed steps of the main case, median reported (CPU default 1: a ViT-B step takes minutes)")
+                   help="timed rounds of the main case (one fused and one unfused step each, order flipping "
+                        "every round), medians reported (CPU default 1: a ViT-B step takes over a minute)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps of every other case (%(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed steps of every other case (%(default)s)")
     p.add_argument("--no-paper-tokenizer", action="store_true",
@@ -141,14 +147,13 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     mask = [] if any(o.startswith("model=") for o in args.overrides) else MASK_224  # another model: its own mask
     main = [*BASE, *tokenizer, *mask, *args.overrides, f"trainer.batch_size={args.batch}",
             f"trainer.precision={args.precision}"]
-    main_case = {"overrides": main, "warmup": args.main_warmup, "repeats": args.main_repeats, "parts": True}
     jobs: dict[str, list[dict[str, Any]]] = {
         "rates": [{"name": "rates", "kind": "rates", "overrides": [*main[:-2], "trainer.batch_size=1"],
                    "matmul_size": args.matmul_size}],
-        "fused": [{"name": "main_fused", "variant": "fused", **main_case}],
+        "main": [{"name": "main", "variants": ["fused"] if args.no_unfused else ["fused", "unfused"],
+                  "overrides": main, "warmup": args.main_warmup, "repeats": args.main_repeats, "parts": True,
+                  "warmup_batch": args.main_warmup_batch or None}],
     }
-    if not args.no_unfused:
-        jobs["unfused"] = [{"name": "main_unfused", "variant": "unfused", **main_case}]
     small = ["method=peco", f"model={args.sweep_model}", "data=synthetic", *args.overrides]
     if args.sweep_model in ("vit_base", "vit_large", "vit_huge"):
         small += [*tokenizer, *MASK_224]
@@ -174,7 +179,8 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
     """The report: raw results plus the ratios the issue asks for."""
     rates_flops = results["rates"][0]
     rates, flops = rates_flops["rates"], rates_flops["flops"]
-    fused = results["fused"][0]
+    by_variant = {r["variant"]: r for r in results["main"]}
+    fused = by_variant["fused"]
     achieved = flops["step_per_image"] * fused["images_per_s"]
     report: dict[str, Any] = {
         "rates": rates, "flops": flops,
@@ -185,11 +191,13 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
                  "part_flops": {k: flops["per_image"][k] * fused["parts"][k]["images_per_s"]
                                 for k in flops["per_image"] if k in fused.get("parts", {})}},
     }
-    if "unfused" in results:
-        unfused = results["unfused"][0]
+    if "unfused" in by_variant:
+        unfused = by_variant["unfused"]
         report["main"]["unfused"] = unfused
         report["main"]["fused_vs_unfused"] = {
             "step_speedup": ratio(fused["images_per_s"], unfused["images_per_s"]),
+            # per round of the alternation (fused and unfused steps run back to back): unfused s / fused s
+            "round_speedups": [u / f for f, u in zip(fused["step_times_s"], unfused["step_times_s"])],
             "head_loss_memory_ratio": ratio(fused["parts"]["head_loss"]["added_mib"],
                                             unfused["parts"]["head_loss"]["added_mib"]),
             "head_loss_speedup": ratio(unfused["parts"]["head_loss"]["s"], fused["parts"]["head_loss"]["s"]),

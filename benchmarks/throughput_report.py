@@ -30,8 +30,9 @@ def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
         f"{m['load_avg_1min_start']:.1f} on {m['cores']} cores, torch {m['torch']}). "
         f"JSON: `{json_path.name}`, plot: `{png_path.name}` (in benchmarks/results/).", "",
         f"Main case: `{' '.join(o for o in fused['overrides'] if not o.startswith('method.tokenizer.'))}` "
-        f"(+ paper-size tokenizer overrides where listed in the JSON), warm-up {fused['warmup']}, "
-        f"median of {fused['repeats']} step(s); one batch reused (data loading not timed).", "",
+        f"(+ paper-size tokenizer overrides where listed in the JSON), warm-up {fused['warmup']} step(s)"
+        f"{' of ' + str(fused['warmup_batch']) + ' images' if fused.get('warmup_batch') else ''} per variant, "
+        f"median of {fused['repeats']} timed step(s); one batch reused (data loading not timed).", "",
         "| part | s / step | images/s | GFLOP / image | achieved GFLOP/s | peak added MiB (fused) | unfused s | unfused peak added MiB |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -44,10 +45,10 @@ def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
         lines.append(f"| {label} | {_g(part['s'])} | {_g(part['images_per_s'])} | "
                      f"{_g(gflop / 1e9 if gflop else None)} | {_g(achieved / 1e9 if achieved else None)} | "
                      f"{_g(part.get('added_mib'))} | {_g(upart.get('s'))} | {_g(upart.get('added_mib'))} |")
-    unfused_cells = f"{_g(unfused['step_s'])} | (process peak {unfused['peak_mib']:.0f})" if unfused else "- | -"
+    unfused_cells = f"{_g(unfused['step_s'])} | (step peak {unfused['peak_mib']:.0f})" if unfused else "- | -"
     lines.append(f"| **whole step** | {_g(fused['step_s'])} | **{_g(fused['images_per_s'])}** | "
                  f"{_g(flops['step_per_image'] / 1e9)} | {_g(main['achieved_flops'] / 1e9)} | "
-                 f"(process peak {fused['peak_mib']:.0f}) | {unfused_cells} |")
+                 f"(step peak {fused['peak_mib']:.0f}) | {unfused_cells} |")
     lines += ["",
               f"FLOPs = 2 x multiply-adds. Backbone forward {flops['backbone_forward_gmacs']:.2f} GMACs per image, of "
               f"which attention {flops['backbone_attention_gmacs']:.2f} (counted by our `scaled_dot_product_attention` "
@@ -57,11 +58,13 @@ def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
               f"{_g(main['achieved_over_matmul_bf16'])}" + (f", MFU vs the GPU's bf16 peak = {_g(main['mfu'])}." if main["mfu"] else ".")]
     if "fused_vs_unfused" in main:
         r = main["fused_vs_unfused"]
-        lines += ["", f"Fused vs unfused (each in its own process; unfused = N x K distances + argmin and full logits + "
-                  f"F.cross_entropy swapped in for `ssl_zoo_kernels`): whole step {_g(r['step_speedup'])}x the unfused "
-                  f"images/s; head + loss peak memory {_g(r['head_loss_memory_ratio'])}x the unfused "
-                  f"({_g(r['head_loss_speedup'])}x faster); tokenizer peak memory {_g(r['tokenizer_memory_ratio'])}x "
-                  f"({_g(r['tokenizer_speedup'])}x faster); process peak {_g(r['peak_memory_ratio'])}x."]
+        rounds = " ".join(f"{x:.3f}" for x in r.get("round_speedups", []))
+        lines += ["", f"Fused vs unfused (one model, steps alternating in one process, order {' '.join(fused['order'])}; "
+                  f"unfused = N x K distances + argmin and full logits + F.cross_entropy swapped in for `ssl_zoo_kernels`): "
+                  f"whole step {_g(r['step_speedup'])}x the unfused images/s (per round: {rounds}); head + loss peak "
+                  f"memory {_g(r['head_loss_memory_ratio'])}x the unfused ({_g(r['head_loss_speedup'])}x faster); "
+                  f"tokenizer peak memory {_g(r['tokenizer_memory_ratio'])}x ({_g(r['tokenizer_speedup'])}x faster); "
+                  f"step peak {_g(r['peak_memory_ratio'])}x."]
     cases = report["sweep"] + [report[k][v] for k, v in (("precision", "bf16"), ("compile", "compiled")) if k in report]
     cases += report["sizes"]
     if cases:

@@ -100,6 +100,7 @@ class StepClock:
         self.marks: dict[str, float] = {}
         self.memory: dict[str, float] = {}
         self._base: dict[str, float] = {}
+        self.peak_seen = 0.0  # highest peak read before a reset since the caller last zeroed it
         self.installed = hasattr(method, "tokenizer") and hasattr(method.backbone, "forward_mim")
         if self.installed:
             method.tokenizer.tokenize = self._timed("tokenizer", method.tokenizer.tokenize)
@@ -112,7 +113,8 @@ class StepClock:
         part = name.rsplit(":", 1)[0]
         if name.endswith(":end") and part in self._base:
             self.memory[part] = self.probe.peak() - self._base[part]
-        if reset:
+        if reset:  # the peak being forgotten still counts towards the step's peak
+            self.peak_seen = max(self.peak_seen, self.probe.peak())
             self._base[part] = self.probe.reset()
 
     def _timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -195,47 +197,24 @@ def build(overrides: list[str], folder: Path) -> tuple[Any, Any, Any, dict[str, 
     return cfg, method, strategy, to_device(batch, device), device
 
 
-def run_case(case: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Warm-up steps, then `repeats` timed steps; medians of the step and of its parts (eager only)."""
-    variant = case.get("variant", "fused")
-    ops = unfused_ops() if variant == "unfused" else contextlib.nullcontext()
-    with ops:
-        cfg, method, strategy, batch, device = build(case["overrides"], folder)
-        probe = MemoryProbe(device)
-        clock = StepClock(method, device) if case.get("parts", False) and not cfg.trainer.compile else None
-        marks = clock.loss_marks() if clock and clock.installed else contextlib.nullcontext()
-        base = probe.reset()
-        times, parts, part_memory = [], [], []
-        compile_s = None
-        with marks:
-            for step in range(case["warmup"] + case["repeats"]):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                result = strategy.step([batch], step)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                end = time.perf_counter()
-                if step == 0 and cfg.trainer.compile:
-                    compile_s = end - start  # the first compiled step traces and compiles
-                if step < case["warmup"]:
-                    continue
-                times.append(end - start)
-                if clock and clock.installed:
-                    seconds, memory = clock.parts(start, end)
-                    parts.append(seconds)
-                    part_memory.append(memory)
-        peak = probe.peak()
-    batch_size = cfg.trainer.batch_size
+def first_images(batch: dict[str, Any], count: int) -> dict[str, Any]:
+    """The batch cut to its first `count` samples (a cheap warm-up step of a large case)."""
+    return {k: v[:count] if torch.is_tensor(v) and v.dim() > 0 else v for k, v in batch.items()}
+
+
+def schedule(variants: list[str], warmup: int, repeats: int) -> list[tuple[str, bool]]:
+    """(variant, timed) for every step: each variant's warm-ups, then `repeats` timed rounds in which the
+    variants alternate, the order flipping each round (A B, B A, ...) so neither always runs first."""
+    steps = [(v, False) for v in variants for _ in range(warmup)]
+    for r in range(repeats):
+        steps += [(v, True) for v in (variants if r % 2 == 0 else variants[::-1])]
+    return steps
+
+
+def _summary(times: list[float], parts: list[dict[str, float]], part_memory: list[dict[str, float]],
+             batch_size: int) -> dict[str, Any]:
     median = statistics.median(times)
-    out: dict[str, Any] = {
-        "name": case["name"], "variant": variant, "overrides": case["overrides"], "device": device.type,
-        "model": {k: cfg.model[k] for k in ("img_size", "patch_size", "embed_dim", "depth") if k in cfg.model},
-        "batch_size": batch_size, "precision": str(resolve_precision(cfg.trainer.precision, device)).split(".")[-1],
-        "compile": bool(cfg.trainer.compile), "warmup": case["warmup"], "repeats": case["repeats"],
-        "step_s": median, "step_times_s": times, "images_per_s": batch_size / median,
-        "peak_mib": peak, "start_mib": base, "loss": result.loss, "compile_s": compile_s,
-    }
+    out: dict[str, Any] = {"step_s": median, "step_times_s": times, "images_per_s": batch_size / median}
     if parts:
         out["parts"] = {
             name: {"s": statistics.median(p[name] for p in parts),
@@ -243,6 +222,66 @@ def run_case(case: dict[str, Any], folder: Path) -> dict[str, Any]:
                    **({"added_mib": max(m[name] for m in part_memory)} if name in part_memory[0] else {})}
             for name in PARTS
         }
+    return out
+
+
+def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
+    """Warm-up steps, then `repeats` timed steps; medians of the step and of its parts (eager only).
+
+    `variants` (default: the one `variant`, else "fused") run on one model in this process, alternating
+    step by step (see `schedule`), so a load burst on the machine hits both and their ratio holds up;
+    each variant's peak memory is read per step (the peak is reset before every step), and a part's memory
+    is what it added on top of what was alive at its start. One result per variant.
+
+    `warmup_batch` (optional) runs the warm-up steps on that many images only: on CPU a ViT-B step takes
+    minutes, and what a warm-up is for (lazy initialisation, optimiser state, thread pools, first touch of
+    the weights) does not depend on the batch size. Compiled cases always warm up at the full batch.
+    """
+    variants = case.get("variants") or [case.get("variant", "fused")]
+    cfg, method, strategy, batch, device = build(case["overrides"], folder)
+    probe = MemoryProbe(device)
+    clock = StepClock(method, device) if case.get("parts", False) and not cfg.trainer.compile else None
+    base = probe.reset()
+    runs = {v: {"times": [], "parts": [], "memory": [], "peak": 0.0} for v in variants}
+    compile_s = None
+    for step, (variant, timed) in enumerate(schedule(variants, case["warmup"], case["repeats"])):
+        run = runs[variant]
+        ops = unfused_ops() if variant == "unfused" else contextlib.nullcontext()
+        warm_batch = case.get("warmup_batch") if not timed and not cfg.trainer.compile else None
+        with ops, (clock.loss_marks() if clock and clock.installed else contextlib.nullcontext()):
+            probe.reset()
+            if clock:
+                clock.peak_seen = 0.0
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = strategy.step([first_images(batch, warm_batch) if warm_batch else batch], step)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            end = time.perf_counter()
+        if step == 0 and cfg.trainer.compile:
+            compile_s = end - start  # the first compiled step traces and compiles
+        run["peak"] = max(run["peak"], probe.peak(), clock.peak_seen if clock else 0.0)
+        run["loss"] = result.loss
+        if not timed:
+            continue
+        run["times"].append(end - start)
+        if clock and clock.installed:
+            seconds, memory = clock.parts(start, end)
+            run["parts"].append(seconds)
+            run["memory"].append(memory)
+    batch_size = cfg.trainer.batch_size
+    common = {
+        "overrides": case["overrides"], "device": device.type,
+        "model": {k: cfg.model[k] for k in ("img_size", "patch_size", "embed_dim", "depth") if k in cfg.model},
+        "batch_size": batch_size, "precision": str(resolve_precision(cfg.trainer.precision, device)).split(".")[-1],
+        "compile": bool(cfg.trainer.compile), "warmup": case["warmup"], "warmup_batch": case.get("warmup_batch"),
+        "repeats": case["repeats"], "start_mib": base, "compile_s": compile_s,
+        "order": [v for v, timed in schedule(variants, case["warmup"], case["repeats"]) if timed],
+    }
+    out = [{"name": case["name"] if len(variants) == 1 else f"{case['name']}_{v}", "variant": v, **common,
+            **_summary(run["times"], run["parts"], run["memory"], batch_size), "peak_mib": run["peak"],
+            "loss": run["loss"]} for v, run in runs.items()]
     del method, strategy, batch
     gc.collect()
     return out
@@ -263,7 +302,10 @@ def rates_case(case: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 def run_cases(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="ssl_zoo_bench_") as folder:
-        return [(rates_case if case.get("kind") == "rates" else run_case)(case, Path(folder)) for case in cases]
+        results = []
+        for case in cases:
+            results += [rates_case(case, Path(folder))] if case.get("kind") == "rates" else run_case(case, Path(folder))
+        return results
 
 
 def main(argv: list[str]) -> None:

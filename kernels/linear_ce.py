@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from .cpu_gemm import mm_out
 from .dispatch import resolve_impl
 from .vq_lookup import compute_dtype
 
@@ -35,6 +36,7 @@ ChunkOp = Callable[[torch.Tensor, torch.Tensor, "float | torch.Tensor | None", f
 # OpenMP region that stalls when another process holds a core, low while adding little memory. CUDA: 256 MB
 # (16384 bf16 rows), so each GEMM is large enough to fill the GPU; still ~1/10 of PeCo's full logits.
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+_MIN_CHUNK_ROWS = 256  # below this a chunk's GEMMs lose efficiency; see _default_chunk_size
 
 
 def accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,17 +120,14 @@ def _chunked_pass(
             xc = x[start : start + chunk_size].to(matmul_dtype)
             rows = xc.shape[0]
             logits = buf[:rows]
-            if b is None:
-                torch.mm(xc, w.t(), out=logits)
-            else:
-                torch.addmm(b, xc, w.t(), out=logits)
+            mm_out(xc, w.t(), logits, bias=b)
             sc = scale[start : start + rows] if isinstance(scale, torch.Tensor) else scale
             tc = targets[start : start + rows]
             losses[start : start + rows], corr = chunk_op(logits, tc, sc, label_smoothing, want_correct)
             correct += corr
             if dx is not None:
                 if dx.dtype == matmul_dtype:
-                    torch.mm(logits, w, out=dx[start : start + rows])
+                    mm_out(logits, w, dx[start : start + rows])
                 else:
                     dx[start : start + rows] = logits @ w
             if dw is not None:
@@ -189,11 +188,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return tuple(None if g is None else g.to(d) for g, d in zip(grads, dtypes)) + tail
 
 
-def _default_chunk_size(vocab: int, matmul_dtype: torch.dtype, device: torch.device) -> int:
-    """Rows per chunk so one logits chunk stays within the device's ``_CHUNK_BYTES`` (at least 16 rows)."""
+def _default_chunk_size(rows: int, vocab: int, matmul_dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per logits chunk: within the device's ``_CHUNK_BYTES``, and at most 1/8 of the call's rows.
+
+    The 1/8 cap (never below ``_MIN_CHUNK_ROWS``) keeps a small call's chunk small beside its full
+    logits: a ViT-B batch of 32 images has only ~2,400 masked rows, and a 2048-row chunk there would be
+    most of the logits the op exists to avoid. Chunks are then evened out so the last one is not a sliver.
+    """
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    return max(16, budget // (vocab * itemsize))
+    size = max(1, min(max(16, budget // (vocab * itemsize)), max(_MIN_CHUNK_ROWS, -(-rows // 8))))
+    pieces = max(1, -(-rows // size))
+    return max(1, -(-rows // pieces))
 
 
 def masked_linear_cross_entropy(
@@ -225,7 +231,8 @@ def masked_linear_cross_entropy(
             kernel covers fp32 / bf16 / fp16; fp64 always takes the PyTorch path.
         return_accuracy: also return the share of counted rows whose first argmax is the target
             (fp32 0-dim tensor, 0 when none count).
-        chunk_size: rows per logits chunk; None sizes a chunk to 64 MB on CPU, 256 MB on a GPU.
+        chunk_size: rows per logits chunk; None: at most 64 MB of logits on CPU, 256 MB on a GPU, and at
+            most 1/8 of the counted rows (not below 256).
 
     Returns:
         The loss in fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias; and the
@@ -259,8 +266,8 @@ def masked_linear_cross_entropy(
         matmul_dtype = hidden.dtype
     else:
         chunk_op, matmul_dtype = ce_chunk_torch, compute_dtype(hidden.dtype)
-    chunk = chunk_size or _default_chunk_size(weight.shape[0], matmul_dtype, hidden.device)
     n = t.numel()
+    chunk = chunk_size or _default_chunk_size(n, weight.shape[0], matmul_dtype, hidden.device)
     grad_on = torch.is_grad_enabled()
     wants = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)

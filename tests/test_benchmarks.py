@@ -9,7 +9,7 @@ import pytest
 
 from benchmarks import throughput
 from benchmarks.throughput_report import PART_NAMES
-from benchmarks.throughput_step import naive_masked_linear_cross_entropy, naive_vq_nearest
+from benchmarks.throughput_step import naive_masked_linear_cross_entropy, naive_vq_nearest, schedule
 
 
 def test_naive_ops_match_the_fused_ones() -> None:
@@ -25,6 +25,14 @@ def test_naive_ops_match_the_fused_ones() -> None:
     naive = naive_masked_linear_cross_entropy(hidden, weight, None, targets, mask=mask)
     fused = ssl_zoo_kernels.masked_linear_cross_entropy(hidden, weight, None, targets, mask=mask, impl="torch")
     assert torch.allclose(naive, fused, atol=1e-5)
+
+
+def test_variants_warm_up_then_alternate_with_the_order_flipping_each_round() -> None:
+    steps = schedule(["fused", "unfused"], warmup=1, repeats=3)
+    assert [v for v, timed in steps if not timed] == ["fused", "unfused"]
+    assert all(not timed for _, timed in steps[:2]) and all(timed for _, timed in steps[2:])
+    rounds = [[v for v, _ in steps[2 + 2 * r: 4 + 2 * r]] for r in range(3)]
+    assert rounds[0] == rounds[2] == rounds[1][::-1] and sorted(rounds[0]) == ["fused", "unfused"]
 
 
 def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
@@ -54,6 +62,7 @@ def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
     assert main["achieved_flops"] > 0 and main["achieved_over_matmul_fp32"] > 0
     ratios = main["fused_vs_unfused"]
     assert ratios["step_speedup"] > 0 and ratios["head_loss_speedup"] > 0 and ratios["tokenizer_speedup"] > 0
+    assert len(ratios["round_speedups"]) == 1 and fused["order"] == ["fused", "unfused"]
     assert "head_loss_memory_ratio" in ratios  # None where the unfused part added no page (tiny sizes)
     assert [r["batch_size"] for r in report["sweep"]] == [1, 2]
     assert report["precision"]["bf16_speedup"] > 0
