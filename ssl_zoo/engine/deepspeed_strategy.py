@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +186,10 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    with torch.device("meta"):
+    with torch.device("meta"), warnings.catch_warnings():
+        # a method that loads weights (a stage-1 tokenizer) copies them into meta parameters: a no-op that
+        # torch warns about once per tensor; only the parameter counts matter here
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
         try:
             network, built = METHODS.get(cfg.method.name)(cfg), "method"
         except FileNotFoundError:  # an input of the method (a stage-1 export) is not there yet: the backbone
