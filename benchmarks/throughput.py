@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16" if gpu else "fp32", help="main case trainer.precision (%(default)s)")
     p.add_argument("--main-warmup", type=int, default=2 if gpu else 1, help="untimed steps of the main case")
     p.add_argument("--main-warmup-batch", type=int, default=0 if gpu else 2,
-                   help="images per warm-up step of the main case, 0 = the full batch (CPU default 2: a full "
-                        "ViT-B step takes minutes and warming up does not need it)")
+                   help="images per warm-up step of the main case after the first, which always takes the full "
+                        "batch; 0 = the full batch (CPU default 2: a ViT-B step takes over a minute)")
     p.add_argument("--main-repeats", type=int, default=10 if gpu else 2,
                    help="timed rounds of the main case (one fused and one unfused step each, order flipping "
                         "every round), medians reported (CPU default 2, one A B B A cycle: a ViT-B step takes over a minute)")

@@ -31,7 +31,7 @@ def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
         f"JSON: `{json_path.name}`, plot: `{png_path.name}` (in benchmarks/results/).", "",
         f"Main case: `{' '.join(o for o in fused['overrides'] if not o.startswith('method.tokenizer.'))}` "
         f"(+ paper-size tokenizer overrides where listed in the JSON), warm-up {fused['warmup']} step(s)"
-        f"{' of ' + str(fused['warmup_batch']) + ' images' if fused.get('warmup_batch') else ''} per variant, "
+        f" per variant{' (all but the first on ' + str(fused['warmup_batch']) + ' images)' if fused.get('warmup_batch') else ''}, "
         f"median of {fused['repeats']} timed step(s); one batch reused (data loading not timed).", "",
         "| part | s / step | images/s | GFLOP / image | achieved GFLOP/s | peak added MiB (fused) | unfused s | unfused peak added MiB |",
         "|---|---|---|---|---|---|---|---|",
