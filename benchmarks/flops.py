@@ -81,8 +81,9 @@ def step_flops(method: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
-def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, repeats: int = 5) -> float:
-    """Best-of-`repeats` FLOP/s of a square `size` matmul: the rate this device really reaches now."""
+def matmul_rate(dtype: torch.dtype, device: torch.device, size: int, repeats: int = 20) -> float:
+    """Best-of-`repeats` FLOP/s of a square `size` matmul: the rate this device really reaches now (many
+    short repeats, so that on a shared CPU at least one of them falls between other processes' bursts)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")

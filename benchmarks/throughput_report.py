@@ -104,6 +104,9 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
     left.set(xlabel="batch size", ylabel="images / s", title="throughput", xscale="log")
     right.plot(batches, [r["peak_mib"] for r in sweep], "o-", color="tab:red")
     right.set(xlabel="batch size", ylabel="peak MiB", title="peak memory", xscale="log")
+    for axis in (left, right):  # log-spaced batches, labelled as the plain numbers they are
+        axis.set_xticks(batches, [str(b) for b in batches])
+        axis.minorticks_off()
     model = sweep[0]["model"]
     fig.suptitle(f"PeCo step, ViT {model.get('embed_dim')}x{model.get('depth')} @ {model.get('img_size')} px, "
                  f"{sweep[0]['precision']}, {sweep[0]['device']}")
