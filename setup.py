@@ -39,7 +39,6 @@ setup(
         "omegaconf>=2.3,<2.5",
         "numpy>=1.24",
         "faiss-cpu>=1.8",  # exact k=1 search: the CPU codebook lookup (kernels/vq_lookup.py)
-        "threadpoolctl>=3.1,<4",  # caps numpy's OpenBLAS threads where the loss's CPU GEMMs use it
         "pillow>=9",
         "scikit-image>=0.21",  # ships the real photos of the embedded default dataset
         "efficientnet-lite-pytorch>=0.1,<0.2",  # perceptual network of the embedded default (Apache-2.0)

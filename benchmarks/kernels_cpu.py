@@ -9,8 +9,7 @@ Lookup at N=32768, K=8192, D=256 (fp32): ours (``vq_nearest``, which on CPU hand
 when it imports), our own tiled PyTorch path (``vq_nearest_torch``), faiss-cpu IndexFlatL2
 (index built inside the timed region, as our call prepares ||e||^2 inside it), torch.cdist + argmin, and a
 bare ``z @ e.T``. Loss at M=32768 counted rows, H=768, V=8192 (fp32), forward + backward: ours
-(``masked_linear_cross_entropy``, PyTorch path, its GEMMs on the machine's choice of BLAS; and the same
-with ``SSL_ZOO_CPU_GEMM=torch``, to show what that choice is worth), PyTorch's chunked ``F.linear_cross_entropy(...,
+(``masked_linear_cross_entropy``, PyTorch path), PyTorch's chunked ``F.linear_cross_entropy(...,
 options=LinearCrossEntropyOptions())``, full logits + ``F.cross_entropy``, and the three bare GEMMs that
 any forward + backward must run (6MHV flops). The loss input is a PeCo-like (256, 196, 768) batch with
 exactly 128 masked tokens per image, and every variant starts from it (peers gather ``hidden[mask]``
@@ -49,7 +48,7 @@ B, L, H, V, MASKED = 256, 196, 768, 8192, 128  # M = B * MASKED = 32768 counted 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 VARIANTS = {
     "lookup": ["vq_ours", "vq_ours_tiles", "vq_faiss", "vq_cdist_argmin", "vq_matmul"],
-    "loss": ["ce_ours", "ce_ours_torch_gemm", "ce_torch_chunked", "ce_naive", "ce_matmul_x3"],
+    "loss": ["ce_ours", "ce_torch_chunked", "ce_naive", "ce_matmul_x3"],
 }
 
 
@@ -122,12 +121,9 @@ def _make(variant: str) -> Callable[[], object]:
 
         return run
 
-    if variant in ("ce_ours", "ce_ours_torch_gemm"):
-        from ssl_zoo_kernels import cpu_gemm, masked_linear_cross_entropy
+    if variant == "ce_ours":
+        from ssl_zoo_kernels import masked_linear_cross_entropy
 
-        if variant == "ce_ours_torch_gemm":  # our loop with torch's own GEMMs: what the BLAS choice is worth
-            os.environ[cpu_gemm.ENV_VAR] = "torch"
-            cpu_gemm.backend.cache_clear()
         return step(lambda: masked_linear_cross_entropy(hidden, weight, bias, targets, mask))
     if variant == "ce_torch_chunked":
         opts = torch.nn.LinearCrossEntropyOptions()

@@ -24,7 +24,6 @@ from typing import Callable
 
 import torch
 
-from .cpu_gemm import mm_out
 from .dispatch import resolve_impl
 from .vq_lookup import compute_dtype
 
@@ -120,14 +119,17 @@ def _chunked_pass(
             xc = x[start : start + chunk_size].to(matmul_dtype)
             rows = xc.shape[0]
             logits = buf[:rows]
-            mm_out(xc, w.t(), logits, bias=b)
+            if b is None:
+                torch.mm(xc, w.t(), out=logits)
+            else:
+                torch.addmm(b, xc, w.t(), out=logits)
             sc = scale[start : start + rows] if isinstance(scale, torch.Tensor) else scale
             tc = targets[start : start + rows]
             losses[start : start + rows], corr = chunk_op(logits, tc, sc, label_smoothing, want_correct)
             correct += corr
             if dx is not None:
                 if dx.dtype == matmul_dtype:
-                    mm_out(logits, w, dx[start : start + rows])
+                    torch.mm(logits, w, out=dx[start : start + rows])
                 else:
                     dx[start : start + rows] = logits @ w
             if dw is not None:

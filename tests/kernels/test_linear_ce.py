@@ -6,22 +6,13 @@ import random
 import pytest
 import torch
 
-from ssl_zoo_kernels import cpu_gemm, masked_linear_cross_entropy
+from ssl_zoo_kernels import masked_linear_cross_entropy
 from ssl_zoo_kernels.linear_ce import _default_chunk_size
 
 from .references import (assert_close, fresh_seed, largest_tensor, random_ce_problem, reference_ce,
                          upstream_grad)
 
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (2e-5, 2e-6)}  # (rtol, atol)
-
-
-@pytest.fixture(params=["torch", "numpy"])
-def cpu_gemm_backend(request, monkeypatch):
-    """Run a test once with each library behind the loss's CPU GEMMs (SSL_ZOO_CPU_GEMM)."""
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, request.param)
-    cpu_gemm.backend.cache_clear()
-    yield request.param
-    cpu_gemm.backend.cache_clear()
 
 
 def _grads(loss, params, grad_out):
@@ -32,9 +23,7 @@ def _grads(loss, params, grad_out):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_loss_and_grads_match_reference(reduction: str, label_smoothing: float, dtype: torch.dtype,
-                                        cpu_gemm_backend: str) -> None:
-    assert cpu_gemm.backend() == cpu_gemm_backend
+def test_loss_and_grads_match_reference(reduction: str, label_smoothing: float, dtype: torch.dtype) -> None:
     seed = fresh_seed()
     lead = (random.randint(1, 4), random.randint(5, 40))
     width, vocab = random.randint(3, 50), random.randint(2, 300)
@@ -158,26 +147,6 @@ def test_default_chunk_is_a_small_even_share_of_a_small_call() -> None:
         assert chunk * 8192 * 4 <= 64 << 20, rows  # within the CPU budget
         assert chunk <= max(256, -(-rows // 8)), rows  # at most 1/8 of the rows unless tiny
         assert pieces * chunk - rows < pieces, rows  # evened out: no sliver of a last chunk
-
-
-def test_cpu_gemm_choice_is_checked_and_caps_numpy_threads(monkeypatch) -> None:
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, "mkl")
-    cpu_gemm.backend.cache_clear()
-    with pytest.raises(ValueError, match="SSL_ZOO_CPU_GEMM must be one of"):
-        cpu_gemm.backend()
-    monkeypatch.setenv(cpu_gemm.ENV_VAR, "numpy")
-    cpu_gemm.backend.cache_clear()
-    threads = torch.get_num_threads()
-    a, b = torch.randn(70, 30), torch.randn(50, 30)
-    out = torch.empty(70, 50)
-    try:
-        torch.set_num_threads(1)
-        cpu_gemm.mm_out(a, b.t(), out, bias=torch.ones(50))
-        assert all(lib.num_threads == 1 for lib in cpu_gemm._numpy_openblas())
-    finally:
-        torch.set_num_threads(threads)
-        cpu_gemm.backend.cache_clear()
-    assert torch.allclose(out, a @ b.t() + 1, atol=1e-5)
 
 
 def test_rejects_out_of_range_targets_and_bad_shapes() -> None:
