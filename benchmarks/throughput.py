@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, cases in plan(args).items():
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results[name] = run_worker(cases, args.in_process)
-    report = {"command": " ".join(["python -m benchmarks.throughput", shlex.join(argv)]).strip(), "date": now.isoformat(timespec="seconds"),
+    report = {"command": f"python -m benchmarks.throughput {shlex.join(argv)}".rstrip(), "date": now.isoformat(timespec="seconds"),
               "machine": info, **summarise(results, args)}
     if not args.no_zero:
         report["zero"] = zero_estimates((1, 2, 3), args.zero_gpus, [] if args.no_paper_tokenizer else PAPER_TOKENIZER)

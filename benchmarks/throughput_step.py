@@ -247,7 +247,8 @@ def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     base = probe.reset()
     runs = {v: {"times": [], "parts": [], "memory": [], "peak": 0.0} for v in variants}
     compile_s = None
-    for step, (variant, timed) in enumerate(schedule(variants, case["warmup"], case["repeats"])):
+    steps = schedule(variants, case["warmup"], case["repeats"])
+    for step, (variant, timed) in enumerate(steps):
         run = runs[variant]
         ops = unfused_ops() if variant == "unfused" else contextlib.nullcontext()
         warm_batch = case.get("warmup_batch") if not timed and step > 0 and not cfg.trainer.compile else None
@@ -280,7 +281,7 @@ def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         "batch_size": batch_size, "precision": str(resolve_precision(cfg.trainer.precision, device)).split(".")[-1],
         "compile": bool(cfg.trainer.compile), "warmup": case["warmup"], "warmup_batch": case.get("warmup_batch"),
         "repeats": case["repeats"], "start_mib": base, "compile_s": compile_s,
-        "order": [v for v, timed in schedule(variants, case["warmup"], case["repeats"]) if timed],
+        "order": [v for v, timed in steps if timed],
     }
     out = [{"name": case["name"] if len(variants) == 1 else f"{case['name']}_{v}", "variant": v, **common,
             **_summary(run["times"], run["parts"], run["memory"], batch_size), "peak_mib": run["peak"],

@@ -199,7 +199,7 @@ def _default_chunk_size(rows: int, vocab: int, matmul_dtype: torch.dtype, device
     """
     itemsize = torch.empty((), dtype=matmul_dtype).element_size()
     budget = _CHUNK_BYTES["cuda" if device.type == "cuda" else "cpu"]
-    size = max(1, min(max(16, budget // (vocab * itemsize)), max(_MIN_CHUNK_ROWS, -(-rows // 8))))
+    size = min(max(16, budget // (vocab * itemsize)), max(_MIN_CHUNK_ROWS, -(-rows // 8)))
     pieces = max(1, -(-rows // size))
     return max(1, -(-rows // pieces))
 

@@ -63,6 +63,7 @@ def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
     ratios = main["fused_vs_unfused"]
     assert ratios["step_speedup"] > 0 and ratios["head_loss_speedup"] > 0 and ratios["tokenizer_speedup"] > 0
     assert len(ratios["round_speedups"]) == 1 and fused["order"] == ["fused", "unfused"]
-    assert "head_loss_memory_ratio" in ratios  # None where the unfused part added no page (tiny sizes)
+    memory_ratio = ratios["head_loss_memory_ratio"]  # None where the unfused part added no page (tiny sizes)
+    assert memory_ratio is None or memory_ratio > 0
     assert [r["batch_size"] for r in report["sweep"]] == [1, 2]
     assert report["precision"]["bf16_speedup"] > 0
