@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -166,10 +167,25 @@ def run_variant(variant: str, repeats: int, picks_out: str | None) -> dict:
 PAIRS = [("vq_ours", "vq_faiss"), ("vq_ours_tiles", "vq_faiss"), ("ce_ours", "ce_torch_chunked")]
 
 
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median: the order statistics (j, n + 1 - j) with the
+    largest j whose binomial(n, 1/2) tail is at most (1 - level) / 2. With fewer than 6 values no
+    interval reaches 95%, and the full range is returned."""
+    xs, n = sorted(values), len(values)
+    j, tail = 0, 0.0
+    while j < n // 2:
+        tail += math.comb(n, j) / 2**n
+        if tail > (1 - level) / 2:
+            break
+        j += 1
+    j = max(j, 1)
+    return xs[j - 1], xs[n - j]
+
+
 def run_paired(ours: str, peer: str, alternations: int) -> dict:
     """Time ``ours`` and ``peer`` alternately in one process (order flipped each time) and return the
-    median of the per-alternation time ratios. Runs seconds apart see the same load from other processes,
-    which the per-variant processes, minutes apart, do not; memory is not measured here."""
+    median of the per-alternation time ratios with its 95% interval. Runs seconds apart see the same load
+    from other processes, which the per-variant processes, minutes apart, do not; memory is not measured."""
     fa, fb = _make(ours), _make(peer)
     fa(), fb()  # warm-up both
     ratios = []
@@ -180,7 +196,8 @@ def run_paired(ours: str, peer: str, alternations: int) -> dict:
             fn()
             took[name] = time.perf_counter() - t0
         ratios.append(took[ours] / took[peer])
-    return {"ours": ours, "peer": peer, "median_ratio": statistics.median(ratios), "ratios": ratios}
+    return {"ours": ours, "peer": peer, "median_ratio": statistics.median(ratios),
+            "interval_95": median_interval(ratios), "ratios": ratios}
 
 
 def _machine() -> str:

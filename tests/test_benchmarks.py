@@ -1,13 +1,17 @@
 """Smoke test of the throughput benchmark at a tiny size: the report's structure and sane values, no timing
-thresholds (other jobs share the machine). Cases run in this process (`--in-process`) to keep it short."""
+thresholds (other jobs share the machine). Cases run in this process (`--in-process`) to keep it short.
+Also the statistics the benchmarks report."""
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from pathlib import Path
 
 import pytest
 
 from benchmarks import throughput
+from benchmarks.kernels_cpu import median_interval
 from benchmarks.throughput_report import PART_NAMES
 from benchmarks.throughput_step import naive_masked_linear_cross_entropy, naive_vq_nearest, schedule
 
@@ -67,3 +71,16 @@ def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
     assert memory_ratio is None or memory_ratio > 0
     assert [r["batch_size"] for r in report["sweep"]] == [1, 2]
     assert report["precision"]["bf16_speedup"] > 0
+
+
+def test_median_interval_covers_the_true_median_about_95_percent_of_the_time() -> None:
+    rng = random.Random()
+    trials, n = 2000, 20
+    covered = 0
+    for _ in range(trials):
+        sample = [rng.lognormvariate(0.0, 0.3) for _ in range(n)]  # true median exp(0) = 1
+        low, high = median_interval(sample)
+        assert low in sample and high in sample and low <= statistics.median(sample) <= high
+        covered += low <= 1.0 <= high
+    # Exact coverage for n = 20 is 95.9%; the band is 3.5 standard errors wide and excludes the full range.
+    assert 0.94 <= covered / trials <= 0.975, covered / trials

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ssl_zoo_kernels import vq_nearest
-from ssl_zoo_kernels.vq_lookup import vq_nearest_faiss, vq_nearest_torch
+from ssl_zoo_kernels.vq_lookup import unique_codes, vq_nearest_faiss, vq_nearest_torch
 
 from .references import check_picks, exact_tie_problem, fresh_seed, largest_tensor
 
@@ -52,6 +52,30 @@ def test_exact_ties_between_distinct_codes_go_to_lowest_index(path: str) -> None
     else:
         idx, val = vq_nearest_faiss(z, e, "l2", block=2)
     assert idx.tolist() == picks and val.tolist() == [1.0] * 3, f"seed={seed}: {idx.tolist()} {val.tolist()}"
+
+
+@pytest.mark.parametrize("layout", ["narrow", "wide", "shared_leading_values"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_unique_codes_keeps_first_occurrences_and_is_not_fooled_by_equal_keys(dtype: torch.dtype, layout: str) -> None:
+    """Rows are keyed by their leading values; rows with equal keys that differ must survive."""
+    seed = fresh_seed()
+    k, d = random.randint(40, 200), random.randint(2, 30) if layout == "narrow" else random.randint(40, 90)
+    e = torch.randn(k, d).to(dtype)
+    if layout == "shared_leading_values":
+        e[:, :32] = 0.0  # every key collides: the exact comparison handles the whole codebook
+    assert unique_codes(e)[1] is None, f"seed={seed}: distinct codes reported as repeated"
+    e[1] = e[0].flip(0)  # a permutation: an equal key when all columns are keyed
+    e[2] = e[0]
+    e[2, d - 1] += 1.0  # differs only in the last column: an equal key when the row is wider than the key
+    for j in random.sample(range(3, k), 6):  # copies of earlier codes, one with -0.0 where the other has 0.0
+        e[j] = e[random.randrange(j)]
+    e[k - 1] = e[3]
+    e[3, 0], e[k - 1, 0] = 0.0, -0.0
+    kept, index = unique_codes(e)
+    # Reference: a code is kept iff no lower-indexed code compares equal to it element by element.
+    expected = [j for j in range(k) if not any(bool(torch.equal(e[i], e[j])) for i in range(j))]
+    assert index is not None and index.tolist() == expected, f"seed={seed}"
+    assert torch.equal(kept, e[expected]), f"seed={seed}"
 
 
 def test_all_codes_equal_pick_index_zero() -> None:
