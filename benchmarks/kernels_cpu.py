@@ -297,8 +297,10 @@ def main() -> None:
     table = _table(runs, agree)
     if paired:
         table += (f"\n\nPaired timing, one process per pair, {args.alternations} alternations (order flipped each "
-                  "time), median of the per-alternation time ratios:\n\n| ours | peer | time ratio | ratios |\n|---|---|---|---|\n")
-        table += "\n".join(f"| {p['ours']} | {p['peer']} | {p['median_ratio']:.2f} | "
+                  "time), median of the per-alternation time ratios and its distribution-free 95% interval:\n\n"
+                  "| ours | peer | time ratio | 95% interval | ratios |\n|---|---|---|---|---|\n")
+        table += "\n".join(f"| {p['ours']} | {p['peer']} | {p['median_ratio']:.3f} | "
+                            f"{p['interval_95'][0]:.3f}-{p['interval_95'][1]:.3f} | "
                             f"{' '.join(f'{r:.2f}' for r in p['ratios'])} |" for p in paired)
     print(table)
     if not args.no_append:
