@@ -62,7 +62,7 @@ class TrainerConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
-    visualize_every: int = 0  # 0: pictures at the end only
+    visualize_every: int = 0  # 0: pictures at the end only (the only choice under ZeRO-3)
     progress: Optional[bool] = None  # None: a progress bar on a terminal, log lines otherwise
 
 

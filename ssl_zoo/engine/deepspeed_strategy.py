@@ -37,6 +37,10 @@ def deepspeed_config(trainer: DictConfig, world_size: int, device_type: str) -> 
         raise ValueError(f"trainer.zero_stage must be 1, 2 or 3, got {trainer.zero_stage}")
     if trainer.offload_params and trainer.zero_stage != 3:
         raise ValueError("trainer.offload_params needs trainer.zero_stage=3 (only stage 3 partitions parameters)")
+    if trainer.visualize_every and trainer.zero_stage == 3:
+        raise ValueError("trainer.visualize_every needs the whole model on rank 0, which ZeRO-3 gathers only at the "
+                         "end of the run (the pictures are drawn then): set trainer.visualize_every=0, or use "
+                         "trainer.zero_stage=2")
     dtype = resolve_precision(trainer.precision, torch.device(device_type))
     if dtype == torch.float16:
         raise ValueError("trainer.precision=fp16 is not supported with DeepSpeed here: use bf16 (no loss scaling)")

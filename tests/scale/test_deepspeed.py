@@ -1,4 +1,5 @@
-"""DeepSpeed ZeRO 1, 2 and 3 on CPU, 2 processes over gloo: training, exact resume, consolidated export."""
+"""DeepSpeed ZeRO 1, 2 and 3 on CPU, 2 processes over gloo: training, exact resume, consolidated export, and
+the settings it refuses."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from ssl_zoo.config import TrainerConfig
+from ssl_zoo.engine.deepspeed_strategy import deepspeed_config
 from tests.scale.conftest import REPO, TINY_PECO, child_env, run_zoo
 
 pytestmark = pytest.mark.deepspeed
@@ -76,3 +80,15 @@ def test_zero_trains_resumes_exactly_and_exports(stage: int, tmp_path: Path, tin
     assert offline.keys() == final_full.keys()
     for key in offline:
         assert torch.equal(offline[key], final_full[key]), key
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"zero_stage": 4}, "must be 1, 2 or 3"),
+    ({"zero_stage": 2, "offload_params": True}, "offload_params needs trainer.zero_stage=3"),
+    ({"zero_stage": 3, "visualize_every": 10}, "set trainer.visualize_every=0"),
+])
+def test_settings_deepspeed_cannot_honour_are_refused_with_the_fix(override: dict, message: str) -> None:
+    trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), override)
+    with pytest.raises(ValueError, match=message):
+        deepspeed_config(trainer, world_size=2, device_type="cpu")
+    assert deepspeed_config(OmegaConf.structured(TrainerConfig), 2, "cpu")["zero_optimization"]["stage"] == 2
