@@ -105,6 +105,9 @@ def test_public_api_on_cpu_and_empty_input(impl: str) -> None:
         idx, val = vq_nearest(z, e, metric, impl=impl)
         check_picks(idx, val, z, e, metric, 1e-5, f"seed={seed}")
         assert val.dtype == torch.float32
+    # a trainable codebook and queries that carry a graph (the straight-through estimator is the caller's)
+    idx, val = vq_nearest(z.clone().requires_grad_(), torch.nn.Parameter(e.clone()), impl=impl)
+    check_picks(idx, val, z, e, "l2", 1e-5, f"seed={seed} parameter inputs")
     idx, val = vq_nearest(z[:0], e, impl=impl)
     assert idx.shape == (0,) and val.shape == (0,)
     idx, val = vq_nearest(z.double(), e.double(), impl=impl)  # fp64 always takes the PyTorch path
