@@ -13,6 +13,7 @@ import torch
 from timm.layers import LayerNorm, trunc_normal_
 from timm.models.beit import Beit
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_zoo.registry import BACKBONES
 
@@ -67,7 +68,10 @@ class BeitMIM(Beit):
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias()
         for blk in self.blocks:
-            x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+            if self.grad_checkpointing and torch.is_grad_enabled():  # trainer.activation_checkpointing
+                x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
         return self.norm(x)
 
     def no_weight_decay(self) -> set[str]:

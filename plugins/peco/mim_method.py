@@ -99,7 +99,8 @@ class Peco(Method):
         if cfg.method.tokenizer.checkpoint is not None:
             return []
         training = cfg.method.tokenizer_training
-        stage1 = ("method=peco_tokenizer",
+        # activation checkpointing is the ViT's memory setting; the conv tokenizer has no recomputation hook
+        stage1 = ("method=peco_tokenizer", "trainer.activation_checkpointing=false",
                   *(f"trainer.{key}={_override_value(training[key])}" for key in STAGE1_TRAINER_KEYS))
         export = Path(cfg.output_dir).resolve() / "tokenizer" / "export" / "method.safetensors"
         return [Stage("tokenizer", stage1), Stage("mim", (f"method.tokenizer.checkpoint='{export}'",))]

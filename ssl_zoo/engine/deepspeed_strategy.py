@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_zoo.engine import distributed as dist
-from ssl_zoo.engine.strategy import StepResult, build_optimizer, lr_factor, resolve_precision
+from ssl_zoo.engine.strategy import (StepResult, build_optimizer, enable_activation_checkpointing, lr_factor,
+                                     resolve_precision)
 from ssl_zoo.method import Method
 from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
 
@@ -71,19 +72,6 @@ def _import_deepspeed(device: torch.device) -> Any:
     if device.type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
-
-
-def enable_activation_checkpointing(module: torch.nn.Module) -> int:
-    """Turn on timm-style `set_grad_checkpointing` on every submodule that has it (the outermost ones); return
-    how many. A model without the hook cannot recompute activations, so asking for it is an error."""
-    found = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
-    outermost = [m for m in found if not any(m is not o and m in set(o.modules()) for o in found)]
-    if not outermost:
-        raise ValueError("trainer.activation_checkpointing=true, but no module of this method has "
-                         "set_grad_checkpointing (the timm convention); turn it off or add the hook")
-    for m in outermost:
-        m.set_grad_checkpointing(True)
-    return len(outermost)
 
 
 class DeepSpeedStrategy:

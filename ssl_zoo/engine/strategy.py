@@ -62,12 +62,27 @@ def build_optimizer(method: Method, trainer: DictConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay)
 
 
+def enable_activation_checkpointing(module: torch.nn.Module) -> int:
+    """Turn on timm-style `set_grad_checkpointing` on every submodule that has it (the outermost ones); return
+    how many. A model without the hook cannot recompute activations, so asking for it is an error."""
+    found = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
+    outermost = [m for m in found if not any(m is not o and m in set(o.modules()) for o in found)]
+    if not outermost:
+        raise ValueError("trainer.activation_checkpointing=true, but no module of this method has "
+                         "set_grad_checkpointing (the timm convention); turn it off or add the hook")
+    for m in outermost:
+        m.set_grad_checkpointing(True)
+    return len(outermost)
+
+
 class TorchStrategy:
     """One process, or DDP across processes (gloo on CPU, nccl on GPUs)."""
 
     def __init__(self, cfg: DictConfig, method: Method, device: torch.device) -> None:
         self.cfg, self.trainer, self.device = cfg, cfg.trainer, device
         self.method = method.to(device)
+        if self.trainer.activation_checkpointing:
+            enable_activation_checkpointing(self.method)
         self.dtype = resolve_precision(self.trainer.precision, device)
         model: torch.nn.Module = self.method
         if dist.world_size() > 1:

@@ -80,3 +80,26 @@ def test_mask_token_replaces_masked_patches_only() -> None:
 
 def test_mask_token_gets_no_weight_decay() -> None:
     assert "mask_token" in small().no_weight_decay()
+
+
+def test_activation_checkpointing_recomputes_the_blocks_and_changes_no_number() -> None:
+    net = small(drop_path_rate=0.3)  # drop path draws random numbers: the recomputation must redraw the same
+    x, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 16) < 0.4
+    calls = []
+    for blk in net.blocks:
+        blk.register_forward_pre_hook(lambda module, args, kwargs: calls.append(module), with_kwargs=True)
+
+    def step(checkpointing: bool) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        net.set_grad_checkpointing(checkpointing)
+        net.zero_grad()
+        calls.clear()
+        torch.manual_seed(1)
+        out = net(x, mask)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in net.parameters()], len(calls)
+
+    out, grads, block_calls = step(False)
+    out_ckpt, grads_ckpt, block_calls_ckpt = step(True)
+    assert block_calls == len(net.blocks) and block_calls_ckpt == 2 * len(net.blocks)  # recomputed in backward
+    assert torch.equal(out, out_ckpt)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, grads_ckpt))

@@ -28,6 +28,10 @@ def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_s
     first = load_config([*user, *stages[0].overrides])
     assert first.method.name == "peco_tokenizer" and first.trainer.max_steps == 7
     assert list(first.trainer.betas) == [0.5, 0.9]
+    # activation checkpointing is the ViT's setting: stage 2 keeps it, the conv tokenizer of stage 1 has no hook
+    user.append("trainer.activation_checkpointing=true")
+    assert not load_config([*user, *stages[0].overrides]).trainer.activation_checkpointing
+    assert load_config([*user, *stages[1].overrides]).trainer.activation_checkpointing
 
 
 def test_with_a_checkpoint_it_is_a_single_run() -> None:

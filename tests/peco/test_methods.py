@@ -2,6 +2,7 @@
 the frozen tokenizer stays frozen, transforms give the promised views."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from ssl_zoo.config import load_config
+from ssl_zoo.engine.strategy import TorchStrategy
 from ssl_zoo_peco.discriminator import hinge_d_loss
 from ssl_zoo_peco.mim_method import Peco
 from ssl_zoo_peco.tokenizer_method import PecoTokenizer
@@ -118,6 +120,23 @@ def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer
     assert "final_mim_accuracy" in method.summary()
     exported = method.backbone_state_dict()
     assert "blocks.1.attn.relative_position_bias_table" in exported and "mask_token" not in exported
+
+
+def test_trainer_activation_checkpointing_reaches_the_backbone_in_the_plain_strategy(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                       "trainer.activation_checkpointing=true"])
+    strategy = TorchStrategy(cfg, Peco(cfg), torch.device("cpu"))
+    assert strategy.method.backbone.grad_checkpointing
+    x = images()
+    masks = torch.stack([torch.randperm(4) < 2 for _ in range(4)]).view(4, 2, 2)
+    result = strategy.step([{"image": x, "tokenizer_view": x, "mask": masks}], 0)
+    assert math.isfinite(result.loss)
+
+
+def test_activation_checkpointing_without_a_hook_is_refused() -> None:
+    cfg = load_config(["method=peco_tokenizer", *TINY, "trainer.activation_checkpointing=true"])
+    with pytest.raises(ValueError, match="set_grad_checkpointing"):
+        TorchStrategy(cfg, PecoTokenizer(cfg), torch.device("cpu"))
 
 
 def test_stage2_rejects_a_tokenizer_of_another_grid(tokenizer_export: Path) -> None:
