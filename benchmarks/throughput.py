@@ -8,7 +8,8 @@ data=synthetic` with the paper-size tokenizer and BEiT's 224 px mask) and measur
   matmul rates measured in the same run (and MFU against the GPU's peak);
 - fused (`ssl_zoo_kernels`) against unfused (materialised distances and logits): the same model, their
   steps alternating in one process (A B, then B A, ...), so load bursts hit both;
-- a batch-size sweep, fp32 against bf16 and eager against torch.compile at a smaller model; model sizes;
+- a batch-size sweep, fp32 against bf16, eager against torch.compile and steps with activation checkpointing
+  against steps without (alternating on one model) at a smaller model; model sizes;
 - per-GPU memory of the model states of ViT-H/14 under ZeRO 1-3 from DeepSpeed's estimators.
 
 Every group of cases runs in its own process (`benchmarks.throughput_step`), so its peak memory is its own
@@ -77,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="side of the square matmul whose fp32 and bf16 rates are measured (%(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip eager vs torch.compile (CPU: ~1-2 min compile)")
     p.add_argument("--no-unfused", action="store_true", help="skip the unfused baseline")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="skip steps with activation checkpointing against steps without (sweep model, middle batch)")
     p.add_argument("--no-zero", action="store_true", help="skip the ZeRO memory estimates (imports DeepSpeed)")
     p.add_argument("--zero-gpus", type=int, default=8, help="GPUs per node of the ZeRO estimate (%(default)s)")
     p.add_argument("--out", type=Path, default=None,
@@ -168,6 +171,9 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         jobs["precision"] = [case("fp32", middle, "trainer.precision=fp32"), case("bf16", middle, "trainer.precision=bf16")]
         if not args.no_compile:
             jobs["compile"] = [case("compiled", middle, f"trainer.precision={args.precision}", "trainer.compile=true")]
+        if not args.no_recompute:
+            jobs["recompute"] = [{**case("recompute", middle, f"trainer.precision={args.precision}"),
+                                  "variants": ["fused", "recompute"], "parts": True}]
     jobs["sizes"] = [{"name": f"size_{m}", "overrides": ["method=peco", f"model={m}", "data=synthetic", "model.img_size=224",
                                                          *MASK_224, f"trainer.batch_size={args.sizes_batch}",
                                                          f"trainer.precision={args.precision}"],
@@ -216,6 +222,18 @@ def summarise(results: dict[str, list[dict[str, Any]]], args: argparse.Namespace
         report["compile"] = {"eager": eager, "compiled": by_name["compiled"],
                              "compile_speedup": ratio(by_name["compiled"]["images_per_s"], eager["images_per_s"]),
                              "compile_s": by_name["compiled"]["compile_s"]}
+    if "recompute" in results:
+        by_variant = {r["variant"]: r for r in results["recompute"]}
+        plain, recompute = by_variant["fused"], by_variant["recompute"]
+        report["recompute"] = {
+            "plain": plain, "recompute": recompute,
+            "backbone_forward_memory_ratio": ratio(recompute["parts"]["backbone_forward"]["added_mib"],
+                                                   plain["parts"]["backbone_forward"]["added_mib"]),
+            "peak_memory_ratio": ratio(recompute["peak_mib"], plain["peak_mib"]),
+            "step_time_ratio": ratio(recompute["step_s"], plain["step_s"]),
+            "backbone_backward_time_ratio": ratio(recompute["parts"]["backbone_backward"]["s"],
+                                                  plain["parts"]["backbone_backward"]["s"]),
+        }
     report["sizes"] = results.get("sizes", [])
     return report
 

@@ -76,6 +76,12 @@ def markdown(report: dict[str, Any], json_path: Path, png_path: Path) -> str:
     if "compile" in report:
         c = report["compile"]
         extra.append(f"torch.compile / eager images/s = {_g(c['compile_speedup'])} (first compiled step {_g(c['compile_s'])} s)")
+    if "recompute" in report:
+        r = report["recompute"]
+        extra.append(f"activation checkpointing (`trainer.activation_checkpointing`, steps alternating with plain ones "
+                     f"on one model): backbone forward keeps {_g(r['backbone_forward_memory_ratio'])}x the memory, step "
+                     f"peak {_g(r['peak_memory_ratio'])}x, step time {_g(r['step_time_ratio'])}x (backbone backward "
+                     f"{_g(r['backbone_backward_time_ratio'])}x)")
     if extra:
         lines += ["", "At the sweep model and its middle batch: " + "; ".join(extra) + "."]
     if report.get("zero"):

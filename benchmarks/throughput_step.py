@@ -85,6 +85,20 @@ def unfused_ops() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def recomputed_activations(method: Any) -> Iterator[None]:
+    """Activation checkpointing on (what `trainer.activation_checkpointing` turns on) for the steps inside,
+    so steps with and without it can alternate on one model."""
+    hooked = [m for m in method.modules() if hasattr(m, "set_grad_checkpointing")]
+    for module in hooked:
+        module.set_grad_checkpointing(True)
+    try:
+        yield
+    finally:
+        for module in hooked:
+            module.set_grad_checkpointing(False)
+
+
 class StepClock:
     """Marks inside one training step -> seconds and peak memory of each part.
 
@@ -250,7 +264,8 @@ def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     steps = schedule(variants, case["warmup"], case["repeats"])
     for step, (variant, timed) in enumerate(steps):
         run = runs[variant]
-        ops = unfused_ops() if variant == "unfused" else contextlib.nullcontext()
+        ops = {"unfused": unfused_ops, "recompute": lambda: recomputed_activations(method)}.get(
+            variant, contextlib.nullcontext)()
         warm_batch = case.get("warmup_batch") if not timed and step > 0 and not cfg.trainer.compile else None
         with ops, (clock.loss_marks() if clock and clock.installed else contextlib.nullcontext()):
             probe.reset()

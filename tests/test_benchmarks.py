@@ -9,17 +9,21 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
 from benchmarks import throughput
 from benchmarks.kernels_cpu import median_interval
 from benchmarks.throughput_report import PART_NAMES
-from benchmarks.throughput_step import naive_masked_linear_cross_entropy, naive_vq_nearest, schedule
+from benchmarks.throughput_step import (naive_masked_linear_cross_entropy, naive_vq_nearest, recomputed_activations,
+                                        schedule)
+from ssl_zoo_peco.beit import BeitMIM
+from ssl_zoo_peco.config import BeitConfig
 
 
 def test_naive_ops_match_the_fused_ones() -> None:
     """The unfused baseline must compute the same thing as the ops it replaces, or the comparison is void."""
     import ssl_zoo_kernels
-    import torch
 
     g = torch.Generator().manual_seed(0)
     z, codes = torch.randn(300, 16, generator=g), torch.randn(64, 16, generator=g)
@@ -37,6 +41,14 @@ def test_variants_warm_up_then_alternate_with_the_order_flipping_each_round() ->
     assert all(not timed for _, timed in steps[:2]) and all(timed for _, timed in steps[2:])
     rounds = [[v for v, _ in steps[2 + 2 * r: 4 + 2 * r]] for r in range(3)]
     assert rounds[0] == rounds[2] == rounds[1][::-1] and sorted(rounds[0]) == ["fused", "unfused"]
+
+
+def test_recompute_variant_turns_checkpointing_on_for_its_steps_only() -> None:
+    method = torch.nn.ModuleDict({"backbone": BeitMIM(OmegaConf.structured(BeitConfig(
+        img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2)))})
+    with recomputed_activations(method):
+        assert method["backbone"].grad_checkpointing
+    assert not method["backbone"].grad_checkpointing
 
 
 def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
@@ -59,6 +71,11 @@ def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
         assert set(result["parts"]) == set(PART_NAMES)
         assert all(part["s"] >= 0 for part in result["parts"].values())
         assert result["parts"]["head_loss"]["added_mib"] >= 0
+    # activation checkpointing alternated with plain steps at the sweep model: both timed, with their parts
+    recompute = report["recompute"]
+    assert recompute["plain"]["order"] == recompute["recompute"]["order"] == ["fused", "recompute"]
+    assert recompute["step_time_ratio"] > 0 and recompute["backbone_backward_time_ratio"] > 0
+    assert "activation checkpointing" in table
     # the parts come from marks inside the same steps, so they add up to the whole step
     assert sum(p["s"] for p in fused["parts"].values()) == pytest.approx(fused["step_s"], rel=1e-6)
     assert report["flops"]["step_per_image"] > 0 and report["flops"]["backbone_attention_gmacs"] > 0
