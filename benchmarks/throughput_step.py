@@ -37,7 +37,7 @@ from benchmarks.throughput_memory import MemoryProbe
 from ssl_zoo.config import load_config
 from ssl_zoo.data.loader import make_loader
 from ssl_zoo.data.transforms import DefaultTransform
-from ssl_zoo.engine.strategy import build_strategy, resolve_precision
+from ssl_zoo.engine.strategy import build_strategy, resolve_precision, set_activation_checkpointing
 from ssl_zoo.registry import DATASETS, METHODS
 from ssl_zoo.train import pick_device, seed_everything, to_device
 
@@ -89,14 +89,11 @@ def unfused_ops() -> Iterator[None]:
 def recomputed_activations(method: Any) -> Iterator[None]:
     """Activation checkpointing on (what `trainer.activation_checkpointing` turns on) for the steps inside,
     so steps with and without it can alternate on one model."""
-    hooked = [m for m in method.modules() if hasattr(m, "set_grad_checkpointing")]
-    for module in hooked:
-        module.set_grad_checkpointing(True)
+    set_activation_checkpointing(method, True)
     try:
         yield
     finally:
-        for module in hooked:
-            module.set_grad_checkpointing(False)
+        set_activation_checkpointing(method, False)
 
 
 class StepClock:
@@ -264,8 +261,12 @@ def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
     steps = schedule(variants, case["warmup"], case["repeats"])
     for step, (variant, timed) in enumerate(steps):
         run = runs[variant]
-        ops = {"unfused": unfused_ops, "recompute": lambda: recomputed_activations(method)}.get(
-            variant, contextlib.nullcontext)()
+        if variant == "unfused":
+            ops = unfused_ops()
+        elif variant == "recompute":
+            ops = recomputed_activations(method)
+        else:
+            ops = contextlib.nullcontext()
         warm_batch = case.get("warmup_batch") if not timed and step > 0 and not cfg.trainer.compile else None
         with ops, (clock.loss_marks() if clock and clock.installed else contextlib.nullcontext()):
             probe.reset()

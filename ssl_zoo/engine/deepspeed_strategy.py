@@ -23,8 +23,8 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_zoo.engine import distributed as dist
-from ssl_zoo.engine.strategy import (StepResult, build_optimizer, enable_activation_checkpointing, lr_factor,
-                                     resolve_precision)
+from ssl_zoo.engine.strategy import (StepResult, build_optimizer, lr_factor, resolve_precision,
+                                     set_activation_checkpointing)
 from ssl_zoo.method import Method
 from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
 
@@ -88,7 +88,7 @@ class DeepSpeedStrategy:
             os.environ.setdefault("WORLD_SIZE", "1")
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if self.trainer.activation_checkpointing:
-            enable_activation_checkpointing(method)
+            set_activation_checkpointing(method, True)
         self.ds_config = deepspeed_config(self.trainer, dist.world_size(), device.type)
         if dist.rank() == 0:
             out = Path(cfg.output_dir)

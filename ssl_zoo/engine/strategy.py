@@ -62,8 +62,8 @@ def build_optimizer(method: Method, trainer: DictConfig) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay)
 
 
-def enable_activation_checkpointing(module: torch.nn.Module) -> int:
-    """Turn on timm-style `set_grad_checkpointing` on every submodule that has it (the outermost ones); return
+def set_activation_checkpointing(module: torch.nn.Module, enabled: bool) -> int:
+    """Switch timm-style `set_grad_checkpointing` on every submodule that has it (the outermost ones); return
     how many. A model without the hook cannot recompute activations, so asking for it is an error."""
     found = [m for m in module.modules() if hasattr(m, "set_grad_checkpointing")]
     outermost = [m for m in found if not any(m is not o and m in set(o.modules()) for o in found)]
@@ -71,7 +71,7 @@ def enable_activation_checkpointing(module: torch.nn.Module) -> int:
         raise ValueError("trainer.activation_checkpointing=true, but no module of this method has "
                          "set_grad_checkpointing (the timm convention); turn it off or add the hook")
     for m in outermost:
-        m.set_grad_checkpointing(True)
+        m.set_grad_checkpointing(enabled)
     return len(outermost)
 
 
@@ -82,7 +82,7 @@ class TorchStrategy:
         self.cfg, self.trainer, self.device = cfg, cfg.trainer, device
         self.method = method.to(device)
         if self.trainer.activation_checkpointing:
-            enable_activation_checkpointing(self.method)
+            set_activation_checkpointing(self.method, True)
         self.dtype = resolve_precision(self.trainer.precision, device)
         model: torch.nn.Module = self.method
         if dist.world_size() > 1:
