@@ -1,4 +1,5 @@
-"""The core's datasets: embedded real photos, ImageFolder, a flat folder of images, synthetic noise.
+"""The core's datasets: embedded real photos (crop_id's training regions), ImageFolder, a flat folder of
+images, synthetic noise.
 
 Every dataset maps a key `(epoch, index)` to a sample made by `transform(pil_image, generator)`, with the
 generator seeded from (seed, epoch, index): samples are reproducible and a resumed run sees the same data.
@@ -74,15 +75,6 @@ class ImageDataset(torch.utils.data.Dataset):
         return sample
 
 
-class EmbeddedPhotos(ImageDataset):
-    def load(self, i: int) -> Image.Image:
-        if not hasattr(self, "_cache"):
-            self._cache: dict[int, Image.Image] = {}
-        if i not in self._cache:
-            self._cache[i] = super().load(i)
-        return self._cache[i]
-
-
 class SyntheticImages(torch.utils.data.Dataset):
     def __init__(self, size: int, length: int, transform: Transform, seed: int) -> None:
         self.size, self.length, self.transform, self.seed = size, length, transform, seed
@@ -130,10 +122,10 @@ class SyntheticConfig:
 
 @DATASETS.register("embedded", schema=EmbeddedConfig)
 def build_embedded(section: Any, transform: Transform, seed: int) -> ImageDataset:
-    import skimage
+    """The bundled photos cut to crop_id's training regions, so that no crop_id test pixel is pretrained on."""
+    from ssl_zoo.data.crop_id import TrainRegionPhotos  # it builds on this module
 
-    folder = Path(skimage.__file__).parent / "data"
-    return EmbeddedPhotos([folder / n for n in EMBEDDED_PHOTOS], transform, seed, section.samples_per_epoch)
+    return TrainRegionPhotos(transform, seed, section.samples_per_epoch)
 
 
 @DATASETS.register("flat_folder", schema=FolderConfig)
