@@ -8,9 +8,10 @@ one line naming the key path and, for a typo, the nearest valid key.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -22,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssl_zoo import registry
 from ssl_zoo.registry import Registry, nearest
+from ssl_zoo.schema import ConfigError, Limits, bad_value, check, checked
 
 #: groups whose sections are typed by the schema of the registry entry they name
 SECTION_REGISTRIES: dict[str, Registry[Any]] = {
@@ -32,38 +34,54 @@ SECTION_REGISTRIES: dict[str, Registry[Any]] = {
 }
 
 
-class ConfigError(ValueError):
-    """A config that cannot run. The message is one line: the key path, the problem and the fix."""
-
-
 @dataclasses.dataclass
 class TrainerConfig:
     """Method-agnostic training loop settings. `batch_size` is per process and per micro-batch."""
 
-    max_steps: int = 100
-    batch_size: int = 32
-    accumulate: int = 1
-    lr: float = 1.5e-3
-    min_lr: float = 1e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.05
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    grad_clip: float = 3.0  # 0 turns clipping off
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16; auto = bf16 where the device supports it fast
+    max_steps: int = checked(100, ge=1)
+    batch_size: int = checked(32, ge=1)
+    accumulate: int = checked(1, ge=1)
+    lr: float = checked(1.5e-3, ge=0)
+    min_lr: float = checked(1e-5, ge=0)
+    warmup_steps: int = checked(10, ge=0)
+    weight_decay: float = checked(0.05, ge=0)
+    betas: list[float] = checked(lambda: [0.9, 0.999], length=2, each=Limits(ge=0, lt=1))
+    eps: float = checked(1e-8, gt=0)
+    grad_clip: float = checked(3.0, ge=0)  # 0 turns clipping off
+    # auto = bf16 where the device supports it fast
+    precision: str = checked("auto", choices=("auto", "fp32", "bf16", "fp16"))
     compile: bool = False
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = checked("auto", choices=("auto", "cpu", "cuda"))
     strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | deepspeed | a registered strategy
-    zero_stage: int = 2  # deepspeed: ZeRO stage 1 (optimiser states), 2 (+ gradients) or 3 (+ parameters) sharded
+    # deepspeed: ZeRO stage 1 (optimiser states), 2 (+ gradients) or 3 (+ parameters) sharded
+    zero_stage: int = checked(2, choices=(1, 2, 3))
     offload_optimizer: bool = False  # deepspeed: optimiser states and step in CPU memory (ZeRO-Offload)
     offload_params: bool = False  # deepspeed, zero_stage=3: parameters in CPU memory too
     activation_checkpointing: bool = False  # recompute activations in backward (timm's set_grad_checkpointing)
     find_unused_parameters: bool = True
-    log_every: int = 10
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    visualize_every: int = 0  # 0: pictures at the end only (the only choice under ZeRO-3)
+    log_every: int = checked(10, ge=1)
+    checkpoint_every: int = checked(100, ge=1)
+    keep_checkpoints: int = checked(2, ge=1)
+    visualize_every: int = checked(0, ge=0)  # 0: pictures at the end only (the only choice under ZeRO-3)
     progress: Optional[bool] = None  # None: a progress bar on a terminal, log lines otherwise
+
+    @staticmethod
+    def validate(trainer: DictConfig, root: DictConfig) -> None:
+        """The strategy is registered; DeepSpeed's own limits (offload, ZeRO-3, fp16) hold."""
+        from ssl_zoo.registry import STRATEGIES
+
+        if trainer.strategy != "auto" and trainer.strategy not in STRATEGIES:
+            raise bad_value("trainer.strategy", trainer.strategy, "auto, " + ", ".join(STRATEGIES.names()))
+        if trainer.strategy == "deepspeed":
+            import torch
+
+            from ssl_zoo.engine.deepspeed_strategy import deepspeed_config
+
+            cuda = trainer.device != "cpu" and torch.cuda.is_available()
+            try:
+                deepspeed_config(trainer, 1, "cuda" if cuda else "cpu")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 @dataclasses.dataclass
@@ -215,6 +233,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as exc:
         raise _key_error(exc, cfg) from None
+    check(cfg)
     return cfg
 
 
@@ -225,4 +244,23 @@ def to_yaml(cfg: DictConfig) -> str:
 def from_container(data: dict[str, Any]) -> DictConfig:
     """Rebuild a validated config in another process (spawned ranks, SLURM jobs)."""
     registry.load_plugins(data.get("plugins", []))
-    return validate(OmegaConf.create(data))
+    cfg = validate(OmegaConf.create(data))
+    check(cfg)
+    return cfg
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def user_errors(what: str) -> Iterator[None]:
+    """Report a ValueError or OSError raised while `what` is built from the config (a shape that does not fit,
+    a file that is missing or unreadable) as a one-line ConfigError, not a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{what}: {one_line(exc)}") from exc

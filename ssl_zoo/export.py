@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
+from ssl_zoo.engine.checkpoint import CheckpointManager, check_files, deepspeed_data_classes, safe_load, save_safetensors
+from ssl_zoo.errors import UserError
 
 
 def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -25,9 +26,10 @@ def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     if (checkpoint / ZERO_DIR).is_dir():
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        check_files(checkpoint / ZERO_DIR, deepspeed_data_classes())  # zero_to_fp32 unpickles with weights_only=False
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint / ZERO_DIR), tag=ZERO_TAG)
     if (checkpoint / "state.pt").is_file():
-        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)["model"]
+        return safe_load(checkpoint / "state.pt")["model"]
     raise FileNotFoundError(f"'{checkpoint}' holds neither a DeepSpeed checkpoint ({ZERO_DIR}/) nor state.pt")
 
 
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         paths = export(args.run_dir, args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in paths:

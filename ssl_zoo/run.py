@@ -14,9 +14,11 @@ from omegaconf import DictConfig
 
 from ssl_zoo import config as config_lib
 from ssl_zoo.config import ConfigError, TrainerConfig
+from ssl_zoo.method import Stage
+from ssl_zoo.errors import UserError
 from ssl_zoo.registry import LAUNCHERS, METHODS, PluginImportError, RegistryError, load_plugins
 
-USER_ERRORS = (ConfigError, RegistryError, PluginImportError, FileNotFoundError)
+USER_ERRORS = (UserError, RegistryError, PluginImportError, FileNotFoundError)
 
 
 def _plugin_overrides(argv: list[str]) -> list[str]:
@@ -54,8 +56,7 @@ def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]
     stages = METHODS.get(cfg.method.name).stages(cfg)
     plan: list[tuple[str | None, DictConfig]] = [(None, cfg)]
     if stages:
-        plan = [(s.name, config_lib.load_config([*overrides, *s.overrides, f"output_dir={cfg.output_dir}/{s.name}"]))
-                for s in stages]
+        plan = [(s.name, _stage_config(overrides, s, cfg.output_dir)) for s in stages]
     if print_config:
         for name, stage_cfg in plan:
             print(f"# stage: {name}" if name else "# config", config_lib.to_yaml(stage_cfg), sep="\n")
@@ -67,6 +68,14 @@ def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]
         summary = LAUNCHERS.build(stage_cfg.launcher, stage_cfg)
         summaries.append({"stage": name, **(summary or {})})
     return summaries
+
+
+def _stage_config(overrides: list[str], stage: Stage, output_dir: str) -> DictConfig:
+    """A stage's validated config; its errors say which stage (its keys come partly from the method)."""
+    try:
+        return config_lib.load_config([*overrides, *stage.overrides, f"output_dir={output_dir}/{stage.name}"])
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (in stage '{stage.name}')") from None
 
 
 def format_summary(summaries: list[dict[str, Any]]) -> str:

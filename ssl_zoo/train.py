@@ -75,22 +75,25 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
 
     method_cls = METHODS.get(cfg.method.name)
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    method = method_cls(cfg)
-    strategy = build_strategy(cfg, method, device)
+    with config_lib.user_errors(f"building method {cfg.method.name}"):
+        method = method_cls(cfg)
+        strategy = build_strategy(cfg, method, device)
     checkpoints = CheckpointManager(out, trainer.keep_checkpoints)
     start_step, resumed_from = 0, checkpoints.latest()
     if resumed_from is not None:
-        strategy.load(resumed_from)
-        start_step = checkpoints.load_trainer_state(resumed_from)["step"]
+        with config_lib.user_errors(f"resuming from {resumed_from}"):
+            strategy.load(resumed_from)
+            start_step = checkpoints.load_trainer_state(resumed_from)["step"]
         if rank == 0:
             print(f"resuming from {resumed_from} (step {start_step})", flush=True)
     else:
         seed_everything(cfg.seed + rank)  # different dropout / drop-path draws per rank
 
-    transform = method_cls.make_transform(cfg) or DefaultTransform(cfg.data.image_size)
-    dataset = DATASETS.build(cfg.data, transform, cfg.seed)
-    batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
-                          start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
+    with config_lib.user_errors(f"data {cfg.data.name}"):
+        transform = method_cls.make_transform(cfg) or DefaultTransform(cfg.data.image_size)
+        dataset = DATASETS.build(cfg.data, transform, cfg.seed)
+        batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
+                              start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
     logger = MetricsLogger(out, start_step, trainer.max_steps, enabled=rank == 0, progress=trainer.progress)
     try:
         last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device, should_stop)

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
+
+from ssl_zoo.engine.checkpoint import load_safetensors, safe_load
 
 FORMATS = ("auto", "mocov3", "dino", "timm")
 
@@ -28,10 +29,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
-        return load_file(str(path))
+        return load_safetensors(path)
     # DINO's training checkpoints keep their argparse.Namespace of arguments next to the weights
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path, allowed=[argparse.Namespace])
 
 
 def _strip(state: dict[str, Any], prefix: str) -> dict[str, Any]:

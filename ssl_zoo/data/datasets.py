@@ -19,6 +19,7 @@ from omegaconf import MISSING
 from PIL import Image, UnidentifiedImageError
 
 from ssl_zoo.registry import DATASETS
+from ssl_zoo.schema import checked
 
 log = logging.getLogger(__name__)
 
@@ -99,25 +100,25 @@ def list_images(root: Path) -> list[Path]:
 @dataclasses.dataclass
 class EmbeddedConfig:
     name: str = "embedded"
-    image_size: int = 64
-    samples_per_epoch: int = 1024
-    num_workers: int = 1
+    image_size: int = checked(64, ge=1)
+    samples_per_epoch: int = checked(1024, ge=1)
+    num_workers: int = checked(1, ge=0)
 
 
 @dataclasses.dataclass
 class FolderConfig:
     name: str = "flat_folder"
     root: str = MISSING
-    image_size: int = 224
-    num_workers: int = 4
+    image_size: int = checked(224, ge=1)
+    num_workers: int = checked(4, ge=0)
 
 
 @dataclasses.dataclass
 class SyntheticConfig:
     name: str = "synthetic"
-    image_size: int = 224
-    samples_per_epoch: int = 4096
-    num_workers: int = 0
+    image_size: int = checked(224, ge=1)
+    samples_per_epoch: int = checked(4096, ge=1)
+    num_workers: int = checked(0, ge=0)
 
 
 @DATASETS.register("embedded", schema=EmbeddedConfig)

@@ -134,6 +134,9 @@ class DeepSpeedStrategy:
         self.engine.save_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:
+        from ssl_zoo.engine.checkpoint import check_files, deepspeed_data_classes
+
+        check_files(directory / ZERO_DIR, deepspeed_data_classes())  # DeepSpeed unpickles with weights_only=False
         path, _ = self.engine.load_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:

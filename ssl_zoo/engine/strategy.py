@@ -132,7 +132,9 @@ class TorchStrategy:
                        directory / "state.pt")
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "state.pt", map_location=self.device, weights_only=True)
+        from ssl_zoo.engine.checkpoint import safe_load
+
+        state = safe_load(directory / "state.pt", map_location=self.device)
         self.method.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

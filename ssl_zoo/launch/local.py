@@ -16,12 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.registry import LAUNCHERS
+from ssl_zoo.schema import checked
 
 
 @dataclasses.dataclass
 class LocalConfig:
     name: str = "local"
-    nprocs: int = 1
+    nprocs: int = checked(1, ge=1)
 
 
 def _rank_main(local_rank: int, world: int, port: int, container: dict[str, Any]) -> None:
@@ -37,8 +38,6 @@ def _rank_main(local_rank: int, world: int, port: int, container: dict[str, Any]
 def launch_local(section: DictConfig, cfg: DictConfig) -> dict[str, Any]:
     from ssl_zoo.train import train
 
-    if section.nprocs < 1:
-        raise ValueError(f"launcher.nprocs must be at least 1, got {section.nprocs}")
     if section.nprocs == 1:
         return train(cfg)
     container = OmegaConf.to_container(cfg, resolve=True)

@@ -29,30 +29,37 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from ssl_zoo.registry import LAUNCHERS
+from ssl_zoo.schema import bad_value, checked
 
 
 @dataclasses.dataclass
 class SlurmConfig:
     name: str = "slurm"
-    nodes: int = 1
-    tasks_per_node: int = 1  # processes per node: one per GPU
-    gpus_per_node: int = 0  # GPUs requested per node (0 on a CPU partition)
-    cpus_per_task: int = 1
-    mem_gb: float = 0  # memory per node; 0 leaves SLURM's default
+    nodes: int = checked(1, ge=1)
+    tasks_per_node: int = checked(1, ge=1)  # processes per node: one per GPU
+    gpus_per_node: int = checked(0, ge=0)  # GPUs requested per node (0 on a CPU partition)
+    cpus_per_task: int = checked(1, ge=1)
+    mem_gb: float = checked(0, ge=0)  # memory per node; 0 leaves SLURM's default
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    time_min: int = 60  # time limit per attempt
-    signal_delay_s: int = 120  # USR2 this long before the limit: the time a checkpoint has to be written
-    max_timeouts: int = 3  # requeues after a time-out; requeues after preemption are not limited
+    time_min: int = checked(60, ge=1)  # time limit per attempt
+    signal_delay_s: int = checked(120, ge=0)  # USR2 this long before the limit: the time a checkpoint has to be written
+    max_timeouts: int = checked(3, ge=0)  # requeues after a time-out; requeues after preemption are not limited
     job_name: str = "ssl_zoo"
     folder: str = "${output_dir}/slurm"  # submitit's job files and logs
     setup: list[str] = dataclasses.field(default_factory=list)  # shell lines before srun (module load ...)
     sweep: list[str] = dataclasses.field(default_factory=list)  # job array: one "k=v k=v" string per task
-    array_parallelism: int = 32
+    array_parallelism: int = checked(32, ge=1)
     dry_run: bool = False  # print what would be submitted and exit
     wait: bool = True  # wait for the job and return its summary
+
+    @staticmethod
+    def validate(section: DictConfig, root: DictConfig) -> None:
+        if section.signal_delay_s >= section.time_min * 60:
+            raise bad_value("launcher.signal_delay_s", section.signal_delay_s,
+                            f"less than the time limit launcher.time_min x 60 = {section.time_min * 60} s")
 
 
 #: the job id of the last submission in this process, for `afterok` chaining with wait=false
