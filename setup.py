@@ -53,7 +53,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "hypothesis>=6.100,<7"],
         "dev": ["pytest>=8", "ruff>=0.5"],
     },
     entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"], "ssl_zoo.plugins": ["peco=ssl_zoo_peco"]},

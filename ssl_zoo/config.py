@@ -123,14 +123,19 @@ def groups() -> dict[str, list[str]]:
 
 def _split(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any, str]], list[str]]:
     """Group choices for Hydra, key overrides for us (key, value, text), and the `plugins` modules."""
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        raise ConfigError(f"cannot parse the overrides: {exc}") from None
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            parsed += parser.parse_overrides([text])
+        except HydraException as exc:
+            raise ConfigError(f"cannot parse the override '{text}': {one_line(exc)} (the form is key=value or "
+                              "group=option; quote values with special characters)") from None
     group_names = groups()
     choices, keys, plugins = [], [], []
     for text, ov in zip(overrides, parsed):
         key = ov.key_or_group
+        if not key.strip("+~"):
+            raise ConfigError(f"cannot parse the override '{text}': it has no key before '=' (the form is key=value)")
         if key in group_names or key.split("/")[0] in group_names:
             choices.append(text)
         else:
