@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 
 from ssl_zoo import config as config_lib
 from ssl_zoo.config import ConfigError, TrainerConfig
-from ssl_zoo.method import Stage
 from ssl_zoo.errors import UserError
+from ssl_zoo.launch.local import Stopped
+from ssl_zoo.method import Stage
 from ssl_zoo.registry import LAUNCHERS, METHODS, PluginImportError, RegistryError, load_plugins
 
 USER_ERRORS = (UserError, RegistryError, PluginImportError, FileNotFoundError)
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Stopped as stop:
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     if summaries:
         print(format_summary(summaries))
         out = summaries[-1].get("output_dir")
