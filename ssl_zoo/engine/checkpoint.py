@@ -56,7 +56,8 @@ def safe_load(path: str | Path, map_location: Any = "cpu", allowed: Iterable[Any
                               "safetensors or torch.save(state_dict) from a trusted process") from None
     except Exception as exc:  # not a torch file at all: truncated, text, another format
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read '{path}' as a torch weights file: {first}") from None
+        raise CheckpointError(f"cannot read '{path}' as weights: it is neither a torch.save file nor safetensors "
+                              f"({type(exc).__name__}: {first})") from None
 
 
 def deepspeed_data_classes() -> list[Any]:
