@@ -4,19 +4,23 @@ images, synthetic noise.
 Every dataset maps a key `(epoch, index)` to a sample made by `transform(pil_image, generator)`, with the
 generator seeded from (seed, epoch, index): samples are reproducible and a resumed run sees the same data.
 Unreadable images are skipped (the next readable one is used), counted in the sample's `skipped_images`
-and reported once per file on stderr; they never stop a run.
+and reported once per file on stderr; they never stop a run. "Unreadable" is any failure to decode (corrupt,
+truncated, empty, not an image at all) and a decompression bomb (more pixels than PIL's `MAX_IMAGE_PIXELS`).
+Every decodable mode becomes 8-bit RGB: CMYK, palette, RGBA (alpha dropped), 16-bit and float greyscale
+(scaled to 8 bits, not clipped), the first frame of an animation.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from omegaconf import MISSING
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ssl_zoo.registry import DATASETS
 from ssl_zoo.schema import checked
@@ -36,6 +40,19 @@ def sample_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def open_rgb(path: Path) -> Image.Image:
+    """Decode an image file to 8-bit RGB, or raise (a decompression bomb too: its warning becomes an error)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.seek(0)  # an animation: its first frame
+            if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit integer or float greyscale
+                pixels = np.asarray(img, dtype=np.float64)
+                scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or pixels.max() > 255 else 1.0
+                return Image.fromarray(np.clip(pixels * scale, 0, 255).astype(np.uint8)).convert("RGB")
+            return img.convert("RGB")
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Images read from files; `load(i)` may be overridden (the embedded photos are cached in memory)."""
 
@@ -53,8 +70,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.length
 
     def load(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as img:
-            return img.convert("RGB")
+        return open_rgb(self.paths[i])
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
@@ -64,7 +80,7 @@ class ImageDataset(torch.utils.data.Dataset):
             try:
                 img = self.load(i)
                 break
-            except (OSError, UnidentifiedImageError, ValueError) as exc:
+            except Exception as exc:  # decoders raise many types (OSError, SyntaxError, struct.error, ...)
                 skipped += 1
                 if self.paths[i] not in self._reported:
                     self._reported.add(self.paths[i])
@@ -138,11 +154,11 @@ def build_flat_folder(section: Any, transform: Transform, seed: int) -> ImageDat
 def build_image_folder(section: Any, transform: Transform, seed: int) -> ImageDataset:
     """ImageNet layout; the class sub-folders are the labels, which evaluation (not pretraining) uses."""
     root = Path(section.root).expanduser()
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+    paths = list_images(root)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not classes:
         raise FileNotFoundError(f"data.root '{root}' has no class sub-folders (ImageNet layout: root/<class>/<image>)"
                                 "; for a folder of unlabeled images use data=flat_folder")
-    paths = list_images(root)
     dataset = ImageDataset(paths, transform, seed)
     dataset.labels = [classes.index(p.relative_to(root).parts[0]) for p in paths]
     dataset.classes = classes
