@@ -30,6 +30,7 @@ def build_toy_mlp(section) -> nn.Module:
 class ToyConfig:
     name: str = "toy_autoencoder"
     step_delay_s: float = 0.0  # slows steps so a test can kill the run between two checkpoints
+    save_delay_s: float = 0.0  # slows state_dict (called while a checkpoint is written) so a test can kill it then
 
 
 @METHODS.register("toy_autoencoder", schema=ToyConfig)
@@ -39,6 +40,11 @@ class ToyAutoencoder(Method):
         self.encoder = BACKBONES.build(cfg.model)
         self.decoder = nn.Linear(cfg.model.hidden, POOLED_DIM)
         self.step_delay_s = cfg.method.step_delay_s
+        self.save_delay_s = cfg.method.save_delay_s
+
+    def state_dict(self, *args, **kwargs):
+        time.sleep(self.save_delay_s)
+        return super().state_dict(*args, **kwargs)
 
     def _pooled(self, images: torch.Tensor) -> torch.Tensor:
         return F.adaptive_avg_pool2d(images, 8).flatten(1)
