@@ -186,13 +186,10 @@ class PecoConfig:
         """Both stages need the tokenizer's token grid equal to the ViT's patch grid, and the mask within it:
         checked here so that a bad stage-2 value fails before stage 1 trains."""
         model = root.model
-        if "img_size" not in model or "patch_size" not in model:
-            raise ConfigError(f"method={method.name} needs a ViT model section with img_size and patch_size "
-                              f"(model={model.name} has neither); use model=vit_tiny or another ViT option")
-        factor = 2 ** (len(method.tokenizer.autoencoder.channel_mult) - 1)
+        factor = _check_tokenizer_view(method, root)
         size = tokenizer_image_size(root)
         patch_grid = model.img_size // model.patch_size
-        if size % factor or size // factor != patch_grid:  # only when the size is given: derived, it fits
+        if size // factor != patch_grid:  # only when the size is given: derived, it fits
             raise bad_value("method.tokenizer.image_size", size, f"a tokenizer view of {patch_grid * factor} px (token grid {patch_grid} x {patch_grid} = "
                             f"the patch grid, downsampling factor {factor}); or leave it unset to derive it")
         if method.mask.num_masked > patch_grid**2:
@@ -205,6 +202,25 @@ class PecoTokenizerConfig(PecoConfig):
     """Section `method` of `method=peco_tokenizer` (stage 1): the same keys, another method."""
 
     name: str = "peco_tokenizer"
+
+    @staticmethod
+    def validate(method: DictConfig, root: DictConfig) -> None:
+        """Trained alone, the tokenizer's view need not match a ViT (the two-stage job checks stage 2 too)."""
+        _check_tokenizer_view(method, root)
+
+
+def _check_tokenizer_view(method: DictConfig, root: DictConfig) -> int:
+    """The tokenizer view is a multiple of the downsampling factor; return the factor."""
+    model = root.model
+    if "img_size" not in model or "patch_size" not in model:
+        raise ConfigError(f"method={method.name} needs a ViT model section with img_size and patch_size "
+                          f"(model={model.name} has neither); use model=vit_tiny or another ViT option")
+    factor = 2 ** (len(method.tokenizer.autoencoder.channel_mult) - 1)
+    size = tokenizer_image_size(root)
+    if size % factor:
+        raise bad_value("method.tokenizer.image_size", size, f"a multiple of the downsampling factor {factor} "
+                        "(2 ** (len(method.tokenizer.autoencoder.channel_mult) - 1))")
+    return factor
 
 
 @dataclass
