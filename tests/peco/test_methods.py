@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ssl_zoo.config import load_config
+from ssl_zoo.config import ConfigError, load_config
 from ssl_zoo.engine.strategy import TorchStrategy
 from ssl_zoo_peco.discriminator import hinge_d_loss, hinge_g_loss
 from ssl_zoo_peco.mim_method import Peco
@@ -154,10 +154,9 @@ def test_activation_checkpointing_without_a_hook_is_refused() -> None:
 
 
 def test_stage2_rejects_a_tokenizer_of_another_grid(tokenizer_export: Path) -> None:
-    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
-                       "method.tokenizer.image_size=64"])
-    with pytest.raises(ValueError, match="patch grid"):
-        Peco(cfg)
+    with pytest.raises(ConfigError, match="method.tokenizer.image_size': 64; .*patch grid"):  # when composed
+        load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                     "method.tokenizer.image_size=64"])
 
 
 def test_stage2_names_the_mismatching_keys_of_a_wrong_tokenizer(tokenizer_export: Path) -> None:
