@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from ssl_zoo.engine.checkpoint import CheckpointManager, check_files, deepspeed_data_classes, safe_load, save_safetensors
+from ssl_zoo.engine.checkpoint import (CheckpointManager, check_files, deepspeed_data_classes, safe_load,
+                                       save_safetensors)
 from ssl_zoo.errors import UserError
 
 

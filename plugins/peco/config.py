@@ -43,7 +43,8 @@ class AutoencoderConfig:
     attention_at_lowest: bool = True
     z_channels: int = checked(64, ge=1)  # full scale: 256
     dropout: float = checked(0.0, ge=0, lt=1)
-    norm_groups: int = checked(4, ge=1)  # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
+    # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
+    norm_groups: int = checked(4, ge=1)
 
     @staticmethod
     def validate(autoencoder: DictConfig, root: DictConfig) -> None:
@@ -69,7 +70,8 @@ class QuantizerConfig:
     kmeans_init: bool = True
     kmeans_iters: int = checked(10, ge=0)
     restart_dead: bool = True
-    dead_after_steps: int = checked(10, ge=1)  # a code unused for this many steps is restarted on a random encoder output
+    # a code unused for this many steps is restarted on a random encoder output
+    dead_after_steps: int = checked(10, ge=1)
     usage_window_steps: int = checked(20, ge=1)  # "codebook usage" = share of codes hit within this many steps
 
 
@@ -190,7 +192,8 @@ class PecoConfig:
         size = tokenizer_image_size(root)
         patch_grid = model.img_size // model.patch_size
         if size // factor != patch_grid:  # only when the size is given: derived, it fits
-            raise bad_value("method.tokenizer.image_size", size, f"a tokenizer view of {patch_grid * factor} px (token grid {patch_grid} x {patch_grid} = "
+            raise bad_value("method.tokenizer.image_size", size,
+                            f"a tokenizer view of {patch_grid * factor} px (token grid {patch_grid} x {patch_grid} = "
                             f"the patch grid, downsampling factor {factor}); or leave it unset to derive it")
         if method.mask.num_masked > patch_grid**2:
             raise bad_value("method.mask.num_masked", method.mask.num_masked,
