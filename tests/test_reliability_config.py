@@ -15,13 +15,13 @@ from typing import Any, Callable
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from ssl_zoo_peco.config import BeitConfig, PecoConfig
 
 from ssl_zoo import run as run_cli_module
 from ssl_zoo.config import RootConfig, TrainerConfig
 from ssl_zoo.data.datasets import EmbeddedConfig
 from ssl_zoo.launch.local import LocalConfig
 from ssl_zoo.schema import RULE_KEY, Limits
+from ssl_zoo_peco.config import BeitConfig, PecoConfig
 
 #: every command line that takes config overrides: name -> (main(argv) -> exit code, arguments it needs first)
 ENTRY_POINTS: dict[str, tuple[Callable[[list[str]], int], list[str]]] = {

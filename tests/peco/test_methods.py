@@ -10,12 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from ssl_zoo_peco.discriminator import hinge_d_loss, hinge_g_loss
-from ssl_zoo_peco.mim_method import Peco
-from ssl_zoo_peco.tokenizer_method import PecoTokenizer
 
 from ssl_zoo.config import ConfigError, load_config
 from ssl_zoo.engine.strategy import TorchStrategy
+from ssl_zoo_peco.discriminator import hinge_d_loss, hinge_g_loss
+from ssl_zoo_peco.mim_method import Peco
+from ssl_zoo_peco.tokenizer_method import PecoTokenizer
 
 TINY = [
     "model.img_size=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "model.drop_path_rate=0.0",
