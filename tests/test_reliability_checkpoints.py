@@ -102,7 +102,7 @@ def _hostile_checkpoint(hostile, run: Path, files: list[str]) -> Path:
     return step
 
 
-@pytest.mark.parametrize("nprocs", [1, 2])
+@pytest.mark.parametrize("nprocs", [1, pytest.param(2, marks=pytest.mark.e2e)])
 def test_resume_refuses_a_checkpoint_with_pickled_code(hostile, tmp_path: Path, nprocs: int) -> None:
     run = tmp_path / "run"
     step = _hostile_checkpoint(hostile, run, ["state.pt", "rank-0.pt", "rank-1.pt"])

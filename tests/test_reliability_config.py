@@ -135,6 +135,7 @@ def test_wrong_input_is_one_error_line_naming_the_key(command: str, wrong: tuple
     assert named in lines[0], (argv, lines[0])
 
 
+@pytest.mark.e2e
 def test_command_line_refuses_a_stage_2_value_before_stage_1(cli, tmp_path) -> None:
     """`model.img_size=100` breaks the second stage of `method=peco`; the first must not start."""
     proc = cli("method=peco", "model.img_size=100", "output_dir=run", cwd=tmp_path, check=False)

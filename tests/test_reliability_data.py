@@ -67,6 +67,7 @@ def test_every_readable_mode_decodes_to_8_bit_rgb(tmp_path: Path) -> None:
         assert 100 < np.asarray(img).mean() < 156, name  # not clipped white (16-bit), not black (alpha)
 
 
+@pytest.mark.e2e
 def test_an_image_folder_of_bad_files_trains_to_the_end_naming_them(cli, tmp_path: Path) -> None:
     root = tmp_path / "images"
     for i in range(12):
