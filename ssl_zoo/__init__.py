@@ -2,10 +2,10 @@
 
 The public names a plugin uses: the registries, the method contract and the checkpoint helpers.
 """
-from ssl_zoo.method import Method, Stage, StepOutput
+from ssl_zoo.method import Method, Stage, StepOutput, TimmSpec
 from ssl_zoo.registry import (BACKBONES, DATASETS, HEADS, LAUNCHERS, METHODS, STRATEGIES, TARGET_GENERATORS,
                               TRANSFORMS, Registry)
 
-__all__ = ["Method", "Stage", "StepOutput", "Registry", "METHODS", "BACKBONES", "DATASETS", "HEADS",
+__all__ = ["Method", "Stage", "StepOutput", "TimmSpec", "Registry", "METHODS", "BACKBONES", "DATASETS", "HEADS",
            "LAUNCHERS", "STRATEGIES", "TARGET_GENERATORS", "TRANSFORMS"]
 __version__ = "0.1.0"

@@ -63,6 +63,8 @@ class TrainerConfig:
     checkpoint_every: int = checked(100, ge=1)
     keep_checkpoints: int = checked(2, ge=1)
     visualize_every: int = checked(0, ge=0)  # 0: pictures at the end only (the only choice under ZeRO-3)
+    eval_every: int = checked(0, ge=0)  # kNN top-1 on crop_id every N steps into metrics.jsonl / TensorBoard (0: off)
+    eval_at_end: bool = True  # kNN and linear probe on crop_id after the last stage, beside random init
     progress: Optional[bool] = None  # None: a progress bar on a terminal, log lines otherwise
 
     @staticmethod
@@ -114,14 +116,21 @@ def _hydra() -> None:
         initialize_config_dir(config_dir=str(config_dir()), version_base="1.3", job_name="ssl_zoo")
 
 
-def groups() -> dict[str, list[str]]:
-    """Every config group and its options, as `--help` shows them."""
+#: config groups that only another primary config (not `config.yaml`) composes: `python -m ssl_zoo.eval`'s
+OTHER_PRIMARY_GROUPS = ("protocol", "eval_experiment")
+
+
+def groups(only: tuple[str, ...] | None = None) -> dict[str, list[str]]:
+    """Config groups and their options, as `--help` shows them: `only` those, or those of `config.yaml`."""
     _hydra()
     loader = GlobalHydra.instance().config_loader()
-    return {g: loader.get_group_options(g) for g in sorted(loader.list_groups("")) if g != "hydra"}
+    names = [g for g in sorted(loader.list_groups("")) if g != "hydra"]
+    names = [g for g in names if g in only] if only is not None else [g for g in names if g not in OTHER_PRIMARY_GROUPS]
+    return {g: loader.get_group_options(g) for g in names}
 
 
-def _split(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any, str]], list[str]]:
+def _split(overrides: list[str],
+           group_names: dict[str, list[str]]) -> tuple[list[str], list[tuple[str, Any, str]], list[str]]:
     """Group choices for Hydra, key overrides for us (key, value, text), and the `plugins` modules."""
     parser, parsed = OverridesParser.create(), []
     for text in overrides:
@@ -130,7 +139,6 @@ def _split(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any, str]],
         except HydraException as exc:
             raise ConfigError(f"cannot parse the override '{text}': {one_line(exc)} (the form is key=value or "
                               "group=option; quote values with special characters)") from None
-    group_names = groups()
     choices, keys, plugins = [], [], []
     for text, ov in zip(overrides, parsed):
         key = ov.key_or_group
@@ -146,8 +154,7 @@ def _split(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any, str]],
     return choices, keys, plugins
 
 
-def _check_choices(choices: list[str]) -> None:
-    options = groups()
+def _check_choices(choices: list[str], options: dict[str, list[str]]) -> None:
     for text in choices:
         group, _, option = text.lstrip("+").partition("=")
         available = options.get(group, [])
@@ -172,11 +179,10 @@ def _key_error(exc: OmegaConfBaseException, cfg: DictConfig, prefix: str = "") -
     return ConfigError(f"bad value for config key '{full_key}': {exc.msg.splitlines()[0]}")
 
 
-def _typed_section(group: str, section: Any) -> DictConfig:
-    table = SECTION_REGISTRIES[group]
+def _typed_section(group: str, section: Any, table: Registry[Any]) -> DictConfig:
     if not isinstance(section, DictConfig) or "name" not in section:
         raise ConfigError(f"config section '{group}' needs a 'name' naming a registered {table.kind}; "
-                          f"choose one with {group}=<option> (options: {', '.join(groups().get(group, []))})")
+                          f"choose one with {group}=<option> (options: {', '.join(groups((group,)).get(group, []))})")
     entry = table.entry(section.name)
     if entry.schema is None:
         return section
@@ -187,12 +193,14 @@ def _typed_section(group: str, section: Any) -> DictConfig:
         raise _key_error(exc, typed, prefix=f"{group}.") from None
 
 
-def validate(raw: DictConfig) -> DictConfig:
+def validate(raw: DictConfig, root_schema: type = RootConfig,
+             registries: dict[str, Registry[Any]] | None = None) -> DictConfig:
     """Merge a composed config into the typed schemas; raise ConfigError on the first bad key."""
-    root = OmegaConf.structured(RootConfig)
+    registries = SECTION_REGISTRIES if registries is None else registries
+    root = OmegaConf.structured(root_schema)
     raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))  # plain, editable, interpolations kept
     sections = {}
-    for group in SECTION_REGISTRIES:
+    for group in registries:
         if group in raw:
             sections[group] = raw.pop(group)
     try:
@@ -200,27 +208,31 @@ def validate(raw: DictConfig) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise _key_error(exc, root) from None
     for group, section in sections.items():
-        root[group] = _typed_section(group, section)
-    missing = [g for g in SECTION_REGISTRIES if OmegaConf.is_missing(root, g)]
+        root[group] = _typed_section(group, section, registries[group])
+    missing = [g for g in registries if OmegaConf.is_missing(root, g)]
     if missing:
         raise ConfigError(f"no {missing[0]} chosen; add {missing[0]}=<option> "
-                          f"(options: {', '.join(groups().get(missing[0], []))})")
+                          f"(options: {', '.join(groups((missing[0],)).get(missing[0], []))})")
     OmegaConf.set_struct(root, True)
     return root
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose `configs/config.yaml` with the command-line overrides; return the validated config."""
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
+                root_schema: type = RootConfig, registries: dict[str, Registry[Any]] | None = None,
+                group_names: tuple[str, ...] | None = None) -> DictConfig:
+    """Compose `configs/<config_name>.yaml` (default `config.yaml`, the training run) with the command-line
+    overrides; return the config validated against `root_schema` and the `registries` of its sections."""
     overrides = list(overrides)
+    registries = SECTION_REGISTRIES if registries is None else registries
     registry.load_plugins()
-    choices, keys, plugins = _split(overrides)
+    choices, keys, plugins = _split(overrides, groups(group_names))
     registry.load_plugins(plugins)  # before the choices are checked: plugins add options
-    _check_choices(choices)
+    _check_choices(choices, groups(group_names))
     try:
-        raw = compose(config_name="config", overrides=choices)
+        raw = compose(config_name=config_name, overrides=choices)
     except HydraException as exc:
         raise ConfigError(str(exc).splitlines()[0]) from None
-    cfg = validate(raw)
+    cfg = validate(raw, root_schema, registries)
     for key, value, _ in keys:
         if key.startswith(("+", "~")):
             raise ConfigError(f"'{key}': adding or deleting keys is not supported; every key has a schema")
@@ -228,8 +240,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as exc:
             raise _key_error(exc, cfg) from None
-    if any(k.split(".")[0] in SECTION_REGISTRIES and k.endswith(".name") for k, _, _ in keys):
-        cfg = validate(cfg)  # a section switched entries: check it against its new schema
+    if any(k.split(".")[0] in registries and k.endswith(".name") for k, _, _ in keys):
+        cfg = validate(cfg, root_schema, registries)  # a section switched entries: check it against its new schema
     registry.load_plugins(cfg.plugins)
     unset = sorted(OmegaConf.missing_keys(cfg))
     if unset:

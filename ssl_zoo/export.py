@@ -1,14 +1,22 @@
-"""Consolidate a run's checkpoint into plain weights: `python -m ssl_zoo.export RUN_DIR [--checkpoint DIR] [--out DIR]`.
+"""Consolidate a run's checkpoint into plain weights: `python -m ssl_zoo.export RUN_DIR [--checkpoint DIR] [--out DIR]
+[--format safetensors|timm]`.
 
 Works on one CPU process without DeepSpeed's runtime or a process group: a DeepSpeed checkpoint (ZeRO 1, 2 or
 3 shards, from any number of ranks) is merged by DeepSpeed's `zero_to_fp32` reader, a plain one is read as is.
 Writes `method.safetensors` (the whole method) and `backbone.safetensors` (what downstream tasks load), the
 same two files a finished run writes to `RUN_DIR/export/`, so a run killed between checkpoints can still be
 exported from its last complete one.
+
+`--format timm` writes the backbone as timm's local folder (and the Hugging Face hub's layout): `config.json`
+(architecture, num_classes, model_args, pretrained_cfg with input size, mean and std, from the method's
+`timm_spec`) and `model.safetensors`, to `RUN_DIR/export/timm` by default, so that
+`timm.create_model("local-dir:PATH", pretrained=True, num_classes=N)` builds and loads it with no other code.
+RUN_DIR may be a multi-stage run (its last stage is exported).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +26,7 @@ from omegaconf import OmegaConf
 from ssl_zoo.engine.checkpoint import (CheckpointManager, check_files, deepspeed_data_classes, safe_load,
                                        save_safetensors)
 from ssl_zoo.errors import UserError
+from ssl_zoo.method import TimmSpec
 
 
 def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -63,14 +72,47 @@ def export(run_dir: Path, checkpoint: Path | None = None, out: Path | None = Non
     return paths
 
 
+def timm_config(spec: TimmSpec) -> dict:
+    """timm's config.json for a backbone without classifier (`num_classes=N` at load adds a new head)."""
+    return {"architecture": spec.architecture, "num_classes": 0, "model_args": dict(spec.model_args),
+            "pretrained_cfg": {"input_size": list(spec.input_size), "mean": list(spec.mean), "std": list(spec.std),
+                               "interpolation": "bicubic", "crop_pct": 0.9, "num_classes": 0, "classifier": "head"}}
+
+
+def export_timm(run_dir: Path, checkpoint: Path | None = None, out: Path | None = None) -> list[Path]:
+    """The backbone of a run (its last stage if multi-stage) as a timm local folder; written from the run's
+    export, which is made from its last checkpoint first if the run did not finish (or from `checkpoint`)."""
+    from ssl_zoo.evaluation.backbone import Backbone, _last_stage, _spec_of_run
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file():
+        run_dir = _last_stage(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.yaml)")
+    spec = _spec_of_run(run_dir)
+    weights = run_dir / "export" / "backbone.safetensors"
+    if checkpoint is not None or not weights.is_file():
+        weights = export(run_dir, checkpoint, (out or run_dir / "export" / "timm") / "plain")[1]
+    Backbone(spec, weights, str(run_dir)).build()  # weights that do not fit fail before anything is written
+    from ssl_zoo.engine.checkpoint import atomic_write, load_weights
+
+    out = out or run_dir / "export" / "timm"
+    save_safetensors(load_weights(weights), out / "model.safetensors", {"format": "pt"})
+    atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(timm_config(spec), indent=2) + "\n"))
+    return [out / "config.json", out / "model.safetensors"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ssl_zoo.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run's output_dir (holds config.yaml and checkpoints/)")
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: checkpoints/last)")
-    parser.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/export)")
+    parser.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/export, RUN_DIR/export/timm)")
+    parser.add_argument("--format", choices=("safetensors", "timm"), default="safetensors",
+                        help="safetensors: method + backbone files; timm: a folder timm.create_model('local-dir:') loads")
     args = parser.parse_args(argv)
     try:
-        paths = export(args.run_dir, args.checkpoint, args.out)
+        write = export_timm if args.format == "timm" else export
+        paths = write(args.run_dir, args.checkpoint, args.out)
     except (FileNotFoundError, ValueError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

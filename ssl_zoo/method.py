@@ -2,8 +2,8 @@
 
 A method is an `nn.Module` built by a factory registered in `METHODS`. All that is method-specific
 (views, masking, targets, losses) happens inside `training_step`; the trainer only runs backward, the
-optimiser, the schedule, logging and checkpoints. Evaluation and export use `extract_features` and
-`backbone_state_dict`, so they work for every method without knowing it.
+optimiser, the schedule, logging and checkpoints. Evaluation and export use `extract_features`,
+`backbone_state_dict` and `timm_spec`, so they work for every method without knowing it.
 """
 from __future__ import annotations
 
@@ -35,6 +35,20 @@ class Stage:
 
     name: str
     overrides: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmSpec:
+    """How a method's backbone becomes a timm model: `timm.create_model(architecture, **model_args)` builds it
+    and `backbone_state_dict()` loads into it (all but the classifier head). `mean`/`std` are the
+    normalisation the backbone was trained with, `input_size` its (channels, height, width); they become the
+    exported `pretrained_cfg`."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    input_size: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 class Method(nn.Module):
@@ -77,6 +91,13 @@ class Method(nn.Module):
     def stages(cls, cfg: DictConfig) -> list[Stage]:
         """Runs needed before/including this method's own. One stage (this run) by default."""
         return []
+
+    @classmethod
+    def timm_spec(cls, cfg: DictConfig) -> TimmSpec | None:
+        """The timm model the backbone of a run with this config is (evaluation, fine-tuning, timm export);
+        None: the backbone has no timm form, so only `extract_features` can evaluate it. A classmethod, so
+        a random-initialised baseline or an export needs neither the method's other parts nor their files."""
+        return None
 
     @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, "torch.Generator"], Any] | None:

@@ -68,6 +68,9 @@ def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]
             print(f"== stage {i + 1}/{len(plan)}: {name} -> {stage_cfg.output_dir}", flush=True)
         summary = LAUNCHERS.build(stage_cfg.launcher, stage_cfg)
         summaries.append({"stage": name, **(summary or {})})
+    last = plan[-1][1]
+    if last.trainer.eval_at_end and summaries[-1].get("output_dir"):
+        summaries[-1].update(_score(last))
     return summaries
 
 
@@ -77,6 +80,22 @@ def _stage_config(overrides: list[str], stage: Stage, output_dir: str) -> DictCo
         return config_lib.load_config([*overrides, *stage.overrides, f"output_dir={output_dir}/{stage.name}"])
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in stage '{stage.name}')") from None
+
+
+def _score(cfg: DictConfig) -> dict[str, Any]:
+    """The end-of-run score (kNN and linear probe on crop_id beside random init), also in the stage's
+    summary.json; empty for a method whose backbone has no timm form."""
+    from ssl_zoo.evaluation.frozen import final_scores
+    from ssl_zoo.train import pick_device
+
+    if METHODS.get(cfg.method.name).timm_spec(cfg) is None:
+        return {}
+    print("== scoring the backbone: kNN and linear probe on crop_id, beside random init", flush=True)
+    scores = final_scores(cfg, pick_device(cfg.trainer.device))
+    stage_summary = Path(cfg.output_dir) / "summary.json"
+    if scores and stage_summary.is_file():
+        stage_summary.write_text(json.dumps({**json.loads(stage_summary.read_text()), **scores}, indent=2) + "\n")
+    return scores
 
 
 def format_summary(summaries: list[dict[str, Any]]) -> str:

@@ -26,6 +26,7 @@ from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
 from ssl_zoo.engine.logger import MetricsLogger
 from ssl_zoo.engine.strategy import build_strategy
+from ssl_zoo.evaluation.frozen import KnnMonitor
 from ssl_zoo.registry import DATASETS, METHODS
 
 log = logging.getLogger("ssl_zoo")
@@ -95,8 +96,9 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
         batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
                               start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
     logger = MetricsLogger(out, start_step, trainer.max_steps, enabled=rank == 0, progress=trainer.progress)
+    monitor = KnnMonitor(cfg, method_cls) if trainer.eval_every and rank == 0 else None
     try:
-        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device, should_stop)
+        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device, should_stop, monitor)
         summary = _finish(cfg, strategy, checkpoints, logger, last_batch, started, resumed_from)
     finally:
         logger.close()
@@ -106,7 +108,8 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
 
 def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
           logger: MetricsLogger, start_step: int, device: torch.device,
-          should_stop: Callable[[], bool] | None) -> dict[str, Any] | None:
+          should_stop: Callable[[], bool] | None, monitor: Callable[[Any], dict[str, float]] | None = None
+          ) -> dict[str, Any] | None:
     trainer = cfg.trainer
     images_per_step = trainer.batch_size * trainer.accumulate * dist.world_size()
     last_batch, skipped, tick = None, 0, time.perf_counter()
@@ -127,6 +130,8 @@ def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], che
             if skipped:
                 values["skipped_images"] = skipped
             logger.log(done, {**values, "images_per_s": images_per_s})
+        if monitor is not None and done % trainer.eval_every == 0:  # rank 0; the others wait at the next sync
+            logger.log(done, monitor(strategy.method))
         if trainer.visualize_every and done % trainer.visualize_every == 0 and dist.rank() == 0:
             strategy.method.visualize(last_batch, Path(cfg.output_dir) / "pictures")
         periodic = done % trainer.checkpoint_every == 0

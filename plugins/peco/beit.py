@@ -15,6 +15,7 @@ from timm.models.beit import Beit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssl_zoo.method import TimmSpec
 from ssl_zoo.registry import BACKBONES
 
 from .config import BeitConfig
@@ -61,9 +62,20 @@ class BeitMIM(Beit):
 
     def forward_mim(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images and a (B, N) or (B, h, w) boolean mask -> (B, 1 + N, C) normalised tokens."""
+        return self.norm(self.block_tokens(images, mask))
+
+    def pooled_features(self, images: torch.Tensor) -> torch.Tensor:
+        """What the exported timm model's `forward_head(forward_features(x), pre_logits=True)` computes."""
+        x = self.block_tokens(images)
+        return self.norm(x[:, 1:].mean(dim=1)) if self.export_final_norm_as == "fc_norm" else self.norm(x)[:, 0]
+
+    def block_tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + N, C) tokens after the last block, before the final norm; masked patches (if a mask is
+        given) replaced by the mask token."""
         x = self.patch_embed(images)
-        mask = mask.flatten(1).unsqueeze(-1).to(x.dtype)
-        x = x * (1 - mask) + self.mask_token.to(x.dtype) * mask
+        if mask is not None:
+            mask = mask.flatten(1).unsqueeze(-1).to(x.dtype)
+            x = x * (1 - mask) + self.mask_token.to(x.dtype) * mask
         x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
         x = self.pos_drop(x)
         rel_pos_bias = self.rel_pos_bias()
@@ -72,7 +84,7 @@ class BeitMIM(Beit):
                 x = checkpoint(blk, x, shared_rel_pos_bias=rel_pos_bias, use_reentrant=False)
             else:
                 x = blk(x, shared_rel_pos_bias=rel_pos_bias)
-        return self.norm(x)
+        return x
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
@@ -92,6 +104,20 @@ class BeitMIM(Beit):
             for suffix in ("weight", "bias"):
                 state[f"fc_norm.{suffix}"] = state.pop(f"norm.{suffix}")
         return state
+
+
+def beit_timm_spec(section: BeitConfig, mean: list[float], std: list[float]) -> TimmSpec:
+    """The timm `beit` model that `timm_state_dict()` loads into: per-block relative position bias, and the
+    final norm as `fc_norm` after mean pooling (global_pool avg) or as `norm` before the [CLS] token."""
+    if abs(section.layer_norm_eps - 1e-6) > 1e-12:
+        raise ValueError(f"model.layer_norm_eps={section.layer_norm_eps} has no timm form: timm's beit uses 1e-6")
+    model_args = dict(
+        img_size=section.img_size, patch_size=section.patch_size, embed_dim=section.embed_dim,
+        depth=section.depth, num_heads=section.num_heads, mlp_ratio=section.mlp_ratio, qkv_bias=section.qkv_bias,
+        init_values=section.init_values, use_abs_pos_emb=False, use_rel_pos_bias=True,
+        use_shared_rel_pos_bias=False, global_pool="avg" if section.export_final_norm_as == "fc_norm" else "token")
+    return TimmSpec("beit_base_patch16_224", model_args, (3, section.img_size, section.img_size),
+                    tuple(mean), tuple(std))
 
 
 @BACKBONES.register("beit", schema=BeitConfig)

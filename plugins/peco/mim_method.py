@@ -19,9 +19,10 @@ from omegaconf import DictConfig, ListConfig
 from timm.layers import trunc_normal_
 from torch import nn
 
-from ssl_zoo.method import Method, Stage, StepOutput
+from ssl_zoo.method import Method, Stage, StepOutput, TimmSpec
 from ssl_zoo.registry import BACKBONES, METHODS
 
+from .beit import beit_timm_spec
 from .checkpoints import load_strict, tokenizer_state
 from .config import PecoConfig, tokenizer_image_size
 from .masking import BlockMaskGenerator
@@ -106,6 +107,10 @@ class Peco(Method):
         return [Stage("tokenizer", stage1), Stage("mim", (f"method.tokenizer.checkpoint='{export}'",))]
 
     @classmethod
+    def timm_spec(cls, cfg: DictConfig) -> TimmSpec:
+        return beit_timm_spec(cfg.model, cfg.method.view.mean, cfg.method.view.std)
+
+    @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
         grid = cfg.model.img_size // cfg.model.patch_size
         masks = BlockMaskGenerator((grid, grid), cfg.method.mask)
@@ -127,8 +132,9 @@ class Peco(Method):
         return StepOutput(loss, metrics)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Mean of the normalised patch tokens (the representation BEiT fine-tunes from)."""
-        return self.backbone.forward_features(images)[:, 1:].mean(dim=1)
+        """The pooled feature of the exported timm model (`forward_head(..., pre_logits=True)`): the final
+        norm of the mean patch token (BEiT's fine-tuning input), or of [CLS] with `export_final_norm_as=norm`."""
+        return self.backbone.pooled_features(images)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights for timm's `beit_*` models (loads with only the classifier head missing)."""

@@ -64,6 +64,7 @@ class ImageDataset(torch.utils.data.Dataset):
         self.transform = transform
         self.seed = seed
         self.length = length or len(paths)
+        self.labels: Optional[list[int]] = None
         self._reported: set[Path] = set()
 
     def __len__(self) -> int:
@@ -89,6 +90,8 @@ class ImageDataset(torch.utils.data.Dataset):
             raise RuntimeError(f"none of the {len(self.paths)} images could be read")
         sample = self.transform(img, sample_generator(self.seed, epoch, index))
         sample["skipped_images"] = torch.tensor(skipped)
+        if self.labels is not None:  # a labelled folder (fine-tuning); a skipped image's label goes with it
+            sample["label"] = torch.tensor(self.labels[i])
         return sample
 
 
@@ -130,6 +133,12 @@ class FolderConfig:
 
 
 @dataclasses.dataclass
+class ImageFolderConfig(FolderConfig):
+    name: str = "image_folder"
+    val_root: Optional[str] = None  # the validation images in the same layout (evaluation's test split)
+
+
+@dataclasses.dataclass
 class SyntheticConfig:
     name: str = "synthetic"
     image_size: int = checked(224, ge=1)
@@ -150,7 +159,7 @@ def build_flat_folder(section: Any, transform: Transform, seed: int) -> ImageDat
     return ImageDataset(list_images(Path(section.root).expanduser()), transform, seed)
 
 
-@DATASETS.register("image_folder", schema=FolderConfig)
+@DATASETS.register("image_folder", schema=ImageFolderConfig)
 def build_image_folder(section: Any, transform: Transform, seed: int) -> ImageDataset:
     """ImageNet layout; the class sub-folders are the labels, which evaluation (not pretraining) uses."""
     root = Path(section.root).expanduser()
