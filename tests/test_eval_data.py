@@ -1,4 +1,7 @@
-"""crop_id: disjoint train/test regions, dropped borders, determinism; pretraining sees only training regions."""
+"""Labelled data: crop_id (disjoint train/test regions, dropped borders, determinism; pretraining sees only the
+training regions) and Fashion-MNIST from Debian's files."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +10,7 @@ from PIL import Image
 from ssl_zoo.data.crop_id import (CROP_ID_PHOTOS, MIN_CROP_STD, TRAIN_SHARE, load_photo, photo_region,
                                   crop_id_split)
 from ssl_zoo.data.datasets import EMBEDDED_PHOTOS, build_embedded
+from ssl_zoo.data.labelled import FASHION_MNIST_DIR, fashion_mnist_labelled
 
 
 class Section(dict):
@@ -79,3 +83,27 @@ def test_pretraining_images_are_the_training_regions():
         seen = dataset.load(i)
         assert seen.size == (round(full.width * TRAIN_SHARE), full.height)
         assert np.array_equal(np.asarray(seen), np.asarray(full)[:, :seen.width])
+
+
+@pytest.mark.skipif(not Path(FASHION_MNIST_DIR, "t10k-images-idx3-ubyte.gz").is_file(),
+                    reason="needs Debian's dataset-fashion-mnist (.ci/run installs it)")
+def test_fashion_mnist_reads_the_official_split_from_the_debian_files():
+    section = Section(name="fashion_mnist", root=FASHION_MNIST_DIR, image_size=None, max_train=50, max_test=0)
+    test = fashion_mnist_labelled(section, "test", seed=0, size=32)
+    train = fashion_mnist_labelled(section, "train", seed=0, size=32)
+    assert len(test) == 10_000 and len(train) == 50 and test.num_classes == 10
+    assert torch.bincount(test.labels).tolist() == [1000] * 10  # the official test split is balanced
+    image, label = test[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and image.float().std() > 10
+    assert torch.equal(image[0], image[2])  # grey, repeated over channels
+
+
+def test_fashion_mnist_absent_names_the_install_command(tmp_path):
+    section = Section(name="fashion_mnist", root=FASHION_MNIST_DIR, image_size=32, max_train=0, max_test=0)
+    if Path(FASHION_MNIST_DIR, "train-images-idx3-ubyte.gz").is_file():
+        section = Section(section, root=str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="point data.root at the folder"):
+            fashion_mnist_labelled(section, "train", seed=0)
+    else:
+        with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+            fashion_mnist_labelled(section, "train", seed=0)

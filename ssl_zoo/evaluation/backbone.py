@@ -106,13 +106,14 @@ def _weights_of_stage(stage_dir: Path) -> Path:
     raise FileNotFoundError(f"run '{stage_dir}' holds no weights (no {weights}, no checkpoints/)")
 
 
-def resolve(checkpoint: str, architecture: Optional[str] = None) -> Backbone:
-    """The backbone `checkpoint` names (see the module docstring); its weights are checked to fit."""
+def resolve(checkpoint: str, architecture: Optional[str] = None, with_weights: bool = True) -> Backbone:
+    """The backbone `checkpoint` names (see the module docstring); its weights are checked to fit.
+    `with_weights=False` reads only the architecture (a run that has not finished will do)."""
     if checkpoint == RANDOM:
         if not architecture:
             raise ValueError("checkpoint=random needs architecture=RUN_DIR: the run (or export) whose "
                              "architecture to build at random initialisation")
-        return resolve(architecture).random()
+        return resolve(architecture, with_weights=False)
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{checkpoint}' does not exist: give a run directory, one stage "
@@ -128,14 +129,16 @@ def resolve(checkpoint: str, architecture: Optional[str] = None) -> Backbone:
             raise FileNotFoundError(f"timm folder '{path}' has config.json but no model.safetensors")
         backbone = Backbone(_spec_of_timm_folder(path), weights, str(path))
     elif (path / "config.yaml").is_file():
-        backbone = Backbone(_spec_of_run(path), _weights_of_stage(path), str(path))
+        backbone = Backbone(_spec_of_run(path), _weights_of_stage(path) if with_weights else None, str(path))
     elif (path / "backbone.safetensors").is_file() and (path.parent / "config.yaml").is_file():
         backbone = Backbone(_spec_of_run(path.parent), path / "backbone.safetensors", str(path.parent))
     elif (path / "summary.json").is_file():
         stage = _last_stage(path)
-        backbone = Backbone(_spec_of_run(stage), _weights_of_stage(stage), str(stage))
+        backbone = Backbone(_spec_of_run(stage), _weights_of_stage(stage) if with_weights else None, str(stage))
     else:
         raise FileNotFoundError(f"checkpoint '{checkpoint}' is not a run directory (no config.yaml or "
                                 "summary.json), an export folder, nor a timm folder (config.json)")
+    if not with_weights:
+        return backbone.random()
     backbone.build()  # weights that do not fit fail here, before any data is made
     return backbone
