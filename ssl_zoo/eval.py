@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -53,7 +54,8 @@ def load_eval_config(overrides: list[str]) -> DictConfig:
 
 def help_text() -> str:
     lines = ["usage: python -m ssl_zoo.eval checkpoint=RUN_DIR|random [GROUP=OPTION ...] [KEY=VALUE ...] "
-             "[--print-config]", "", __doc__.split("\n\n")[1].replace("\n", " "), "", "config groups (GROUP=OPTION):"]
+             "[--print-config]", "", textwrap.fill(__doc__.split("\n\n")[1].replace("\n", " "), 110), "",
+             "config groups (GROUP=OPTION):"]
     for group, options in config_lib.groups(GROUPS).items():
         lines.append(f"  {group:<16} {', '.join(options) or '(none)'}")
     lines += ["", "keys (KEY=VALUE):",

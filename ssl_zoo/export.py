@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -82,22 +83,22 @@ def timm_config(spec: TimmSpec) -> dict:
 def export_timm(run_dir: Path, checkpoint: Path | None = None, out: Path | None = None) -> list[Path]:
     """The backbone of a run (its last stage if multi-stage) as a timm local folder; written from the run's
     export, which is made from its last checkpoint first if the run did not finish (or from `checkpoint`)."""
-    from ssl_zoo.evaluation.backbone import Backbone, _last_stage, _spec_of_run
+    from ssl_zoo.engine.checkpoint import atomic_write
+    from ssl_zoo.evaluation.backbone import Backbone, last_stage, spec_of_run, read_weights
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file():
-        run_dir = _last_stage(run_dir)
+        run_dir = last_stage(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"'{run_dir}' is not a run directory (no config.yaml)")
-    spec = _spec_of_run(run_dir)
-    weights = run_dir / "export" / "backbone.safetensors"
-    if checkpoint is not None or not weights.is_file():
-        weights = export(run_dir, checkpoint, (out or run_dir / "export" / "timm") / "plain")[1]
-    Backbone(spec, weights, str(run_dir)).build()  # weights that do not fit fail before anything is written
-    from ssl_zoo.engine.checkpoint import atomic_write, load_weights
-
+    spec = spec_of_run(run_dir)
     out = out or run_dir / "export" / "timm"
-    save_safetensors(load_weights(weights), out / "model.safetensors", {"format": "pt"})
+    with tempfile.TemporaryDirectory() as consolidated:
+        weights = run_dir / "export" / "backbone.safetensors"
+        if checkpoint is not None or not weights.is_file():
+            weights = export(run_dir, checkpoint, Path(consolidated))[1]
+        Backbone(spec, weights, str(run_dir)).build()  # weights that do not fit fail before anything is written
+        save_safetensors(read_weights(weights), out / "model.safetensors", {"format": "pt"})
     atomic_write(out / "config.json", lambda tmp: tmp.write_text(json.dumps(timm_config(spec), indent=2) + "\n"))
     return [out / "config.json", out / "model.safetensors"]
 

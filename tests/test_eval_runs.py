@@ -50,7 +50,9 @@ def _export_timm(*args: str) -> Path:
     proc = subprocess.run([sys.executable, "-m", "ssl_zoo.export", *args, "--format", "timm"], cwd=REPO,
                           env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return Path(proc.stdout.splitlines()[0].split()[-1]).parent
+    written = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("wrote ")]
+    assert [Path(p).name for p in written] == ["config.json", "model.safetensors"], proc.stdout[-2000:]
+    return Path(written[0]).parent
 
 
 def test_main_job_prints_its_score_beside_random_init(tiny_run):

@@ -29,6 +29,9 @@ def test_main_job_trains_both_stages(cli, tmp_path):
     assert [s["stage"] for s in stage_summaries] == ["tokenizer", "mim"]
     assert stage_summaries[0]["codebook_usage"] >= 0.5
     assert 0 <= stage_summaries[1]["final_mim_accuracy"] <= 1
+    for key in ("knn_top1", "knn_random_init", "linear_top1", "linear_random_init"):  # the score, beside its floor
+        assert 0 <= stage_summaries[1][key] <= 1, key
     for text in ("== summary", "[tokenizer]", "[mim]", "codebook_usage", "final_mim_accuracy", "wall_time_s",
+                 "knn_top1", "linear_random_init",
                  "runs/peco/tokenizer/pictures/reconstructions.png"):
         assert text in proc.stdout, text

@@ -66,7 +66,7 @@ def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
                          f"{' ...' if len(unexpected) > 5 else ''}; give the run they were trained in")
 
 
-def _spec_of_run(stage_dir: Path) -> TimmSpec:
+def spec_of_run(stage_dir: Path) -> TimmSpec:
     from ssl_zoo.config import from_container
     from ssl_zoo.registry import METHODS
 
@@ -86,7 +86,7 @@ def _spec_of_timm_folder(folder: Path) -> TimmSpec:
                     tuple(pretrained.get("std", (0.5,) * 3)))
 
 
-def _last_stage(run_dir: Path) -> Path:
+def last_stage(run_dir: Path) -> Path:
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = [Path(s["output_dir"]) for s in summary if isinstance(s, dict) and s.get("output_dir")] \
         if isinstance(summary, list) else []
@@ -122,19 +122,19 @@ def resolve(checkpoint: str, architecture: Optional[str] = None, with_weights: b
         if path.suffix != ".safetensors" or not (path.parent.parent / "config.yaml").is_file():
             raise ValueError(f"checkpoint '{checkpoint}' is a file but not a run's export/backbone.safetensors; "
                              "give the run directory instead")
-        backbone = Backbone(_spec_of_run(path.parent.parent), path, str(path.parent.parent))
+        backbone = Backbone(spec_of_run(path.parent.parent), path, str(path.parent.parent))
     elif (path / "config.json").is_file():
         weights = path / "model.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"timm folder '{path}' has config.json but no model.safetensors")
         backbone = Backbone(_spec_of_timm_folder(path), weights, str(path))
     elif (path / "config.yaml").is_file():
-        backbone = Backbone(_spec_of_run(path), _weights_of_stage(path) if with_weights else None, str(path))
+        backbone = Backbone(spec_of_run(path), _weights_of_stage(path) if with_weights else None, str(path))
     elif (path / "backbone.safetensors").is_file() and (path.parent / "config.yaml").is_file():
-        backbone = Backbone(_spec_of_run(path.parent), path / "backbone.safetensors", str(path.parent))
+        backbone = Backbone(spec_of_run(path.parent), path / "backbone.safetensors", str(path.parent))
     elif (path / "summary.json").is_file():
-        stage = _last_stage(path)
-        backbone = Backbone(_spec_of_run(stage), _weights_of_stage(stage) if with_weights else None, str(stage))
+        stage = last_stage(path)
+        backbone = Backbone(spec_of_run(stage), _weights_of_stage(stage) if with_weights else None, str(stage))
     else:
         raise FileNotFoundError(f"checkpoint '{checkpoint}' is not a run directory (no config.yaml or "
                                 "summary.json), an export folder, nor a timm folder (config.json)")

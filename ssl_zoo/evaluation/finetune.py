@@ -88,6 +88,7 @@ class SeededTransform:
             np.random.set_state(np_state)
 
 
+# the protocol entry gives `protocol=finetune` its schema; ssl_zoo/evaluation/run_finetune.py runs it
 @PROTOCOLS.register("finetune", schema=FinetuneConfig)
 @METHODS.register("finetune", schema=FinetuneConfig)
 class Finetune(Method):
@@ -135,9 +136,6 @@ class Finetune(Method):
         else:
             targets = mixup_target(labels, self.num_classes, 1.0, self.smoothing)
         return StepOutput(self.loss(self.model(images), targets))
-
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
