@@ -1,7 +1,7 @@
 """Wall time of each evaluation protocol and the feature-extraction rate, on crop_id with the default
 architecture of a method (at random init: the cost does not depend on the weights).
 
-    python -m benchmarks.eval_protocols [--method peco] [--finetune-steps 150] [--out DIR]
+    python -m benchmarks.eval_protocols [--method peco] [--finetune-steps 100] [--out DIR]
 
 Runs `python -m ssl_zoo.eval checkpoint=random architecture=<a run directory holding only the method's default
 config>` for knn, linear and finetune, each in its own process, and prints one JSON line per protocol with the
@@ -22,7 +22,7 @@ from pathlib import Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="peco")
-    parser.add_argument("--finetune-steps", type=int, default=150, help="trainer.max_steps of the fine-tune")
+    parser.add_argument("--finetune-steps", type=int, default=100, help="trainer.max_steps of the fine-tune")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     from ssl_zoo.config import load_config, to_yaml

@@ -22,7 +22,8 @@ SMALL_CROPS = ["data.train_crops_per_photo=6", "data.test_crops_per_photo=4"]
 def tiny_run(tmp_path_factory) -> tuple[Path, str]:
     """The tiny PeCo main job (tokenizer 3 steps, MIM 4 steps, kNN monitor every 2 steps); its stdout."""
     out = tmp_path_factory.mktemp("tiny_peco") / "run"
-    proc = run_zoo(*TINY_PECO, "trainer.max_steps=4", "trainer.eval_every=2", f"output_dir={out}", timeout=900)
+    proc = run_zoo(*TINY_PECO, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.eval_at_end=true",
+                   f"output_dir={out}", timeout=900)
     return out, proc.stdout
 
 
@@ -114,7 +115,6 @@ def test_timm_export_round_trip_zero3(tiny_run, tmp_path):
     tokenizer = tiny_run[0] / "tokenizer" / "export" / "method.safetensors"
     out = tmp_path / "zero3"
     run_zoo(*TINY_PECO, f"method.tokenizer.checkpoint={tokenizer}", "trainer.strategy=deepspeed",
-            "trainer.zero_stage=3", "launcher.nprocs=2", "trainer.max_steps=2", "trainer.eval_at_end=false",
-            f"output_dir={out}")
+            "trainer.zero_stage=3", "launcher.nprocs=2", "trainer.max_steps=2", f"output_dir={out}")
     timm_dir = _export_timm(str(out), "--checkpoint", str(out / "checkpoints" / "step-00000002"))
     assert _features_equal_after_timm_round_trip(out, timm_dir) < 1e-5

@@ -16,13 +16,14 @@ SLURM_SCRIPTS = REPO.parent / "shared" / "slurm"
 TOY = ["plugins=[tests.plugins.toy_method]", "method=toy_autoencoder", "model=toy_mlp", "trainer.device=cpu",
        "trainer.batch_size=8", "trainer.log_every=1", "data.image_size=32", "data.samples_per_epoch=64",
        "data.num_workers=0", "trainer.warmup_steps=2", "trainer.lr=3e-3"]
-#: a tiny PeCo on the embedded photos: ViT with 2 blocks on a 4 x 4 patch grid, 64 codes, 3 tokenizer steps
+#: a tiny PeCo on the embedded photos: ViT with 2 blocks on a 4 x 4 patch grid, 64 codes, 3 tokenizer steps, no
+#: end-of-run score (tests/test_eval_runs.py turns it on where it tests it)
 TINY_PECO = ["method=peco", "model.img_size=64", "model.depth=2", "model.embed_dim=64", "model.num_heads=2",
              "method.mask.num_masked=6", "method.mask.min_block=2", "method.tokenizer.quantizer.num_codes=64",
              "method.tokenizer_training.max_steps=3", "method.tokenizer_training.batch_size=8",
              "method.tokenizer_training.log_every=1", "data.image_size=64", "data.samples_per_epoch=64",
              "data.num_workers=0", "trainer.device=cpu", "trainer.batch_size=8", "trainer.log_every=1",
-             "trainer.warmup_steps=2", "trainer.lr=3e-3"]
+             "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.eval_at_end=false"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
