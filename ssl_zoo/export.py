@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="a checkpoint directory (default: checkpoints/last)")
     parser.add_argument("--out", type=Path, help="where to write (default: RUN_DIR/export, RUN_DIR/export/timm)")
     parser.add_argument("--format", choices=("safetensors", "timm"), default="safetensors",
-                        help="safetensors: method + backbone files; timm: a folder timm.create_model('local-dir:') loads")
+                        help="safetensors: method + backbone files; timm: a folder for timm's local-dir:")
     args = parser.parse_args(argv)
     try:
         write = export_timm if args.format == "timm" else export
