@@ -21,9 +21,10 @@ from omegaconf import MISSING, DictConfig
 
 from ssl_zoo import config as config_lib
 from ssl_zoo.config import ConfigError, TrainerConfig
+from ssl_zoo.errors import UserError
 from ssl_zoo.registry import DATASETS, LAUNCHERS, PluginImportError, RegistryError, load_plugins
 
-USER_ERRORS = (ConfigError, RegistryError, PluginImportError, FileNotFoundError, ValueError)
+USER_ERRORS = (UserError, ConfigError, RegistryError, PluginImportError, FileNotFoundError, ValueError)
 GROUPS = ("protocol", "data", "trainer", "launcher", "eval_experiment")
 
 
