@@ -108,6 +108,11 @@ class Method(nn.Module):
     def on_train_start(self, batch: Any) -> None:
         """Called once with the first batch, before the first step (k-means init, sanity checks)."""
 
+    def evaluate(self) -> dict[str, float]:
+        """Held-out figures at the end of a run (logged to metrics.jsonl and put in the summary). Called on
+        rank 0 with the whole model, never per step; no figures by default."""
+        return {}
+
     def visualize(self, batch: Any, out_dir: Path) -> list[Path]:
         """Write pictures (reconstructions, histograms) for this batch; return their paths."""
         return []

@@ -160,6 +160,9 @@ def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logg
     save_safetensors(weights, out / "export" / "method.safetensors", {"method": cfg.method.name})
     save_safetensors(method.backbone_state_dict(), out / "export" / "backbone.safetensors",
                      {"method": cfg.method.name})
+    heldout = method.evaluate()
+    if heldout:
+        logger.log(trainer.max_steps, heldout)
     pictures = method.visualize(last_batch, out / "pictures") if last_batch is not None else []
     summary = {
         "method": cfg.method.name,
@@ -171,6 +174,7 @@ def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logg
         "checkpoint": str(final),
         "export": str(out / "export"),
         "pictures": [str(p) for p in pictures],
+        **{k: round(v, 4) for k, v in heldout.items()},
         **method.summary(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -133,6 +133,16 @@ class TokenizerLossConfig:
 
 
 @dataclass
+class TokenizerEvalConfig:
+    """The held-out measurement at the end of stage 1 (plugins/peco/tokenizer_eval.py): crop_id's test crops,
+    a fixed set whatever the training seed, so runs compare on the same images."""
+
+    crops_per_photo: int = 16  # 9 photos -> 144 crops; 0 skips the measurement
+    seed: int = 0
+    batch_size: int = 48
+
+
+@dataclass
 class StageTrainingConfig:
     """Trainer settings of the tokenizer stage, passed as `trainer.*` overrides to that stage's run.
     VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
@@ -179,6 +189,7 @@ class PecoConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     tokenizer_loss: TokenizerLossConfig = field(default_factory=TokenizerLossConfig)
     tokenizer_training: StageTrainingConfig = field(default_factory=StageTrainingConfig)
+    tokenizer_eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     label_smoothing: float = checked(0.0, ge=0, lt=1)

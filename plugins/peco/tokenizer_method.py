@@ -23,6 +23,7 @@ from ssl_zoo.registry import METHODS
 from .config import PecoTokenizerConfig, tokenizer_image_size
 from .discriminator import PatchDiscriminator, hinge_d_loss, hinge_g_loss
 from .perceptual import PerceptualLoss
+from .tokenizer_eval import heldout_report
 from .transforms import TokenizerTransform
 from .vqgan import VQTokenizer
 
@@ -41,6 +42,8 @@ class PecoTokenizer(Method):
         self.memory_format = torch.channels_last if section.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
         self.last_metrics: dict[str, float] = {}
+        self.eval_cfg = section.tokenizer_eval
+        self._heldout_recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, reconstructions)
 
     @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
@@ -101,18 +104,44 @@ class PecoTokenizer(Method):
         """The tokenizer alone (what stage 2 loads): no discriminator, no frozen perceptual network."""
         return {f"tokenizer.{k}": v for k, v in self.tokenizer.state_dict().items()}
 
+    def heldout_images(self) -> torch.Tensor:
+        """crop_id's test crops at the tokenizer's size (uint8): pixels no pretraining run ever sees."""
+        from ssl_zoo.data.crop_id import crop_id_split
+
+        images, _ = crop_id_split("test", self.tokenizer.image_size, self.eval_cfg.crops_per_photo, self.eval_cfg.seed)
+        return images
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out PSNR and perceptual distance with their floors (see tokenizer_eval.py)."""
+        if self.eval_cfg.crops_per_photo < 1:
+            return {}
+        device = next(self.tokenizer.parameters()).device
+        images = self.heldout_images().to(device)
+        report, recon = heldout_report(self.tokenizer, self.perceptual, images, self.eval_cfg.batch_size,
+                                       self.memory_format)
+        self._heldout_recon = (images, recon)
+        return report
+
     @torch.no_grad()
     def visualize(self, batch: dict[str, torch.Tensor], out_dir: Path) -> list[Path]:
+        """Inputs and their reconstructions, in pairs: held-out crops (one per photo) once `evaluate` has
+        run, the given training batch otherwise."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        was_training = self.training
-        self.eval()
-        images = batch["image"][:8]
-        recon, _ = self.tokenizer(images.contiguous(memory_format=self.memory_format))
-        self.train(was_training)
-        pairs = torch.stack([images, recon.to(images.dtype)], dim=1).flatten(0, 1).float().cpu()
+        if self._heldout_recon is not None:
+            images, recon = self._heldout_recon
+            per_photo = max(self.eval_cfg.crops_per_photo, 1)
+            picks = torch.arange(0, len(images), per_photo)  # the first crop of each photo
+            images, recon = images[picks].float() / 127.5 - 1, recon[picks]
+        else:
+            was_training = self.training
+            self.eval()
+            images = batch["image"][:9]
+            recon, _ = self.tokenizer(images.contiguous(memory_format=self.memory_format))
+            self.train(was_training)
+        pairs = torch.stack([images.float(), recon.float()], dim=1).flatten(0, 1).cpu()
         grid_path = out_dir / "reconstructions.png"
-        save_image((pairs.clamp(-1, 1) + 1) / 2, grid_path, nrow=8, padding=2)  # input, reconstruction, ...
+        save_image((pairs.clamp(-1, 1) + 1) / 2, grid_path, nrow=6, padding=2)  # input, reconstruction, ...
         return [grid_path, self._usage_histogram(out_dir / "codebook_usage.png")]
 
     def _usage_histogram(self, path: Path) -> Path:
