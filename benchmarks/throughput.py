@@ -39,7 +39,8 @@ from benchmarks.throughput_report import markdown, plot
 ROOT = Path(__file__).resolve().parent
 BASE = ["method=peco", "model=vit_base", "data=synthetic"]
 #: the paper's tokenizer (VQGAN f=16 encoder of width 128, 8192 codes x 256), random weights
-PAPER_TOKENIZER = ["method.tokenizer.autoencoder.base_width=128", "method.tokenizer.autoencoder.num_res_blocks=2",
+PAPER_TOKENIZER = ["method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]",
+                   "method.tokenizer.autoencoder.base_width=128", "method.tokenizer.autoencoder.num_res_blocks=2",
                    "method.tokenizer.autoencoder.z_channels=256", "method.tokenizer.autoencoder.norm_groups=32",
                    "method.tokenizer.quantizer.num_codes=8192", "method.tokenizer.quantizer.dim=256"]
 MASK_224 = ["method.mask.num_masked=75", "method.mask.min_block=16"]  # BEiT at 224 px: 75 of 196

@@ -38,7 +38,8 @@ class AutoencoderConfig:
     """VQGAN-style conv encoder/decoder. Downsampling factor = 2 ** (len(channel_mult) - 1)."""
 
     base_width: int = checked(16, ge=1)  # VQGAN / full scale: 128
-    channel_mult: List[int] = checked(lambda: [1, 1, 2, 2, 4], min_length=1, each=Limits(ge=1))
+    # f = 8 (2 ** (4 - 1)); full scale: [1, 1, 2, 2, 4]
+    channel_mult: List[int] = checked(lambda: [1, 2, 2, 4], min_length=1, each=Limits(ge=1))
     num_res_blocks: int = checked(1, ge=1)  # full scale: 2
     attention_at_lowest: bool = True
     z_channels: int = checked(64, ge=1)  # full scale: 256
@@ -81,7 +82,7 @@ class TokenizerConfig:
 
     checkpoint: Optional[str] = None  # stage-1 export (method.safetensors); None in stage 2 -> run stage 1 first
     # tokenizer view; its token grid (image_size / factor) must equal the ViT patch grid. None: derived from
-    # the model section (grid x factor), e.g. 96 for ViT-Tiny/16 at 96 px, 256 for ViT-H/14 at 224 px
+    # the model section (grid x factor), e.g. 48 for ViT-Tiny/16 at 96 px (f = 8), 256 for ViT-H/14 at 224 px (f = 16)
     image_size: Optional[int] = checked(None, ge=1)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
@@ -113,7 +114,7 @@ class GanConfig:
 
     enabled: bool = True
     # The discriminator's hinge loss (about 1 at first) joins the one optimised, logged objective when the
-    # GAN starts, so the logged loss jumps there. The tiny run (160 steps) keeps it off so its loss curve is
+    # GAN starts, so the logged loss jumps there. The tiny run (450 steps) keeps it off so its loss curve is
     # the reconstruction objective; full-scale recipes start it at 100k steps.
     start_step: int = checked(1000, ge=0)
     weight: float = checked(0.8, ge=0)  # factor on the adaptive weight
@@ -147,13 +148,14 @@ class StageTrainingConfig:
     """Trainer settings of the tokenizer stage, passed as `trainer.*` overrides to that stage's run.
     VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
 
-    max_steps: int = checked(160, ge=1)
+    max_steps: int = checked(450, ge=1)
     batch_size: int = checked(16, ge=1)
-    lr: float = checked(6e-4, ge=0)
-    min_lr: float = checked(6e-5, ge=0)
+    lr: float = checked(2e-3, ge=0)
+    min_lr: float = checked(1e-4, ge=0)
     warmup_steps: int = checked(10, ge=0)
     weight_decay: float = checked(0.0, ge=0)
-    betas: List[float] = checked(lambda: [0.5, 0.9], length=2, each=Limits(ge=0, lt=1))
+    # VQGAN (with its GAN): (0.5, 0.9); the tiny run has the GAN off
+    betas: List[float] = checked(lambda: [0.9, 0.99], length=2, each=Limits(ge=0, lt=1))
     grad_clip: float = checked(0.0, ge=0)  # 0: off (VQGAN does not clip)
     log_every: int = checked(10, ge=1)
     checkpoint_every: int = checked(100, ge=1)

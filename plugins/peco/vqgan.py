@@ -3,8 +3,8 @@
 The architecture follows the VQGAN paper's description (ResNet blocks with GroupNorm and SiLU, strided-conv
 downsampling, nearest-neighbour upsampling, one self-attention block at the lowest resolution, 1x1 convs
 before and after quantisation). Each entry of `channel_mult` is one resolution level; all levels but the
-last halve the resolution, so the downsampling factor is 2 ** (len(channel_mult) - 1): 16 by default,
-which makes the token grid equal the ViT's patch grid.
+last halve the resolution, so the downsampling factor is 2 ** (len(channel_mult) - 1): 8 in the tiny default,
+16 at full scale; the tokenizer's view is sized so that its token grid equals the ViT's patch grid.
 """
 from __future__ import annotations
 

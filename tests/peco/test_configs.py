@@ -18,7 +18,7 @@ def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_s
     stages = METHODS.get("peco").stages(cfg)
     assert [s.name for s in stages] == ["tokenizer", "mim"]
     assert stages[0].overrides[0] == "method=peco_tokenizer"
-    assert "trainer.max_steps=7" in stages[0].overrides and "trainer.betas=[0.5,0.9]" in stages[0].overrides
+    assert "trainer.max_steps=7" in stages[0].overrides and "trainer.betas=[0.9,0.99]" in stages[0].overrides
     assert stages[1].overrides == ("method.tokenizer.checkpoint='/tmp/x/tokenizer/export/method.safetensors'",)
     # the stage configs compose: user overrides for PeCo are valid in both stages
     user = ["method=peco", "output_dir=/tmp/x", "method.mask.num_masked=10"]
@@ -27,7 +27,7 @@ def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_s
         assert stage_cfg.method.mask.num_masked == 10
     first = load_config([*user, *stages[0].overrides])
     assert first.method.name == "peco_tokenizer" and first.trainer.max_steps == 7
-    assert list(first.trainer.betas) == [0.5, 0.9]
+    assert list(first.trainer.betas) == [0.9, 0.99]  # tokenizer_training, not stage 2's (0.9, 0.999)
     # activation checkpointing is the ViT's setting: stage 2 keeps it, the conv tokenizer of stage 1 has no hook
     user.append("trainer.activation_checkpointing=true")
     assert not load_config([*user, *stages[0].overrides]).trainer.activation_checkpointing
@@ -47,9 +47,11 @@ def test_typos_and_bad_values_fail_naming_the_key() -> None:
 
 
 def test_tokenizer_view_size_follows_the_vit_grid() -> None:
-    assert tokenizer_image_size(load_config(["method=peco"])) == 96
-    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base"])) == 224
-    assert tokenizer_image_size(load_config(["method=peco", "model=vit_huge"])) == 256
+    assert tokenizer_image_size(load_config(["method=peco"])) == 48  # 6 x 6 grid, f = 8
+    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base"])) == 112  # 14 x 14 grid, f = 8
+    f16 = "method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]"  # the paper recipes' VQGAN shape
+    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base", f16])) == 224
+    assert tokenizer_image_size(load_config(["method=peco", "model=vit_huge", f16])) == 256
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from ssl_zoo.config import ConfigError, load_config
 from ssl_zoo.engine.strategy import TorchStrategy
+from ssl_zoo_peco.config import tokenizer_image_size
 from ssl_zoo_peco.discriminator import hinge_d_loss, hinge_g_loss
 from ssl_zoo_peco.mim_method import Peco
 from ssl_zoo_peco.tokenizer_method import PecoTokenizer
@@ -30,6 +31,11 @@ def images(n: int = 4, size: int = 32) -> torch.Tensor:
     torch.manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4), size=size, mode="bilinear")
     return smooth * 2 - 1
+
+
+def tokenizer_view(cfg, x: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's view of the ViT's images (its own size: grid x downsampling factor)."""
+    return torch.nn.functional.interpolate(x, size=tokenizer_image_size(cfg), mode="bilinear", antialias=True)
 
 
 def train(method: torch.nn.Module, batch: dict, steps: int, lr: float, betas=(0.9, 0.999)) -> list[float]:
@@ -124,7 +130,7 @@ def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer
     gen = torch.Generator().manual_seed(0)
     masks = torch.stack([torch.randperm(4, generator=gen) < 2 for _ in range(8)]).view(8, 2, 2)
     x = torch.cat([images(), images().flip(0)])
-    batch = {"image": x, "tokenizer_view": x, "mask": masks}
+    batch = {"image": x, "tokenizer_view": tokenizer_view(cfg, x), "mask": masks}
     losses = train(method, batch, steps=30, lr=3e-3)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     out = method.training_step(batch, 30)
@@ -143,7 +149,7 @@ def test_trainer_activation_checkpointing_reaches_the_backbone_in_the_plain_stra
     assert strategy.method.backbone.grad_checkpointing
     x = images()
     masks = torch.stack([torch.randperm(4) < 2 for _ in range(4)]).view(4, 2, 2)
-    result = strategy.step([{"image": x, "tokenizer_view": x, "mask": masks}], 0)
+    result = strategy.step([{"image": x, "tokenizer_view": tokenizer_view(cfg, x), "mask": masks}], 0)
     assert math.isfinite(result.loss)
 
 
