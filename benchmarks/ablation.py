@@ -41,7 +41,8 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Full run: about 30 minutes on 2 CPU cores; --quick: a few minutes.")
+                                epilog="The defaults aim at <= 30 minutes on 2 CPU cores (not yet timed on a quiet machine); "
+                                "--quick or fewer --seeds/--protocols and --tokenizer-steps/--mim-steps give a shorter run.")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["peco", "pixel", "random"], choices=list(VARIANTS))
     p.add_argument("--protocols", nargs="+", default=["knn", "linear", "finetune"], choices=["knn", "linear", "finetune"])

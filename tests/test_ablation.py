@@ -1,0 +1,29 @@
+"""The ablation tool's bookkeeping: mean and spread over seeds, a table that labels short runs, a plot."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ablation import markdown_table, mean_std, parse_args, plot
+
+
+def test_mean_and_sample_spread() -> None:
+    stats = mean_std([0.5, 0.6, 0.7])
+    assert stats["mean"] == pytest.approx(0.6) and stats["std"] == pytest.approx(0.1)
+    assert mean_std([0.4])["std"] == 0.0
+
+
+def test_quick_is_one_seed_without_finetuning_and_its_table_says_short_run(tmp_path: Path) -> None:
+    args = parse_args(["--quick"])
+    assert args.seeds == [0] and "finetune" not in args.protocols and args.tokenizer_steps and args.mim_steps
+    result = {"command": "python -m benchmarks.ablation --quick", "short_run": True, "seeds": [0, 1],
+              "wall_time_s": 1.0, "results": {"peco": {"crop_id_linear": mean_std([0.7, 0.8]),
+                                                       "tokenizer_psnr": mean_std([20.0, 21.0])},
+                                              "random": {"crop_id_linear": mean_std([0.5, 0.52])}}}
+    table = markdown_table(result)
+    assert "SHORT RUN" in table and f"0.750 ± {math.sqrt(0.005):.3f}" in table
+    assert table.splitlines()[-3].startswith("| random |") and "| - |" in table.splitlines()[-3] + " |"
+    plot(result, tmp_path / "ablation.png")
+    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
