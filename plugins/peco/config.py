@@ -66,7 +66,7 @@ class QuantizerConfig:
     # (a key named `update` would shadow DictConfig.update)
     codebook_update: str = checked("ema", choices=("ema", "gradient"))
     beta: float = checked(0.25, ge=0)  # commitment weight
-    ema_decay: float = checked(0.99, ge=0, lt=1)
+    ema_decay: float = checked(0.9, ge=0, lt=1)  # paper recipes: 0.99; in a short run 0.99 lags the encoder
     ema_eps: float = checked(1e-5, gt=0)
     kmeans_init: bool = True
     kmeans_iters: int = checked(10, ge=0)
@@ -138,9 +138,9 @@ class TokenizerEvalConfig:
     """The held-out measurement at the end of stage 1 (plugins/peco/tokenizer_eval.py): crop_id's test crops,
     a fixed set whatever the training seed, so runs compare on the same images."""
 
-    crops_per_photo: int = 16  # 9 photos -> 144 crops; 0 skips the measurement
-    seed: int = 0
-    batch_size: int = 48
+    crops_per_photo: int = checked(16, ge=0)  # 9 photos -> 144 crops; 0 skips the measurement
+    seed: int = checked(0, ge=0)
+    batch_size: int = checked(48, ge=1)
 
 
 @dataclass
