@@ -173,8 +173,8 @@ def test_stage2_names_the_mismatching_keys_of_a_wrong_tokenizer(tokenizer_export
 
 
 def test_mim_transform_gives_two_views_of_one_crop_and_an_exact_mask() -> None:
-    cfg = load_config(["method=peco", "model.img_size=64", "method.mask.num_masked=6",
-                       "method.tokenizer.image_size=64"])
+    cfg = load_config(["method=peco", "model.img_size=64", "method.mask.num_masked=6",  # f = 16: equal view sizes
+                       "method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]", "method.tokenizer.image_size=64"])
     transform = Peco.make_transform(cfg)
     photo = Image.fromarray((torch.rand(120, 160, 3) * 255).to(torch.uint8).numpy())
     sample = transform(photo, torch.Generator().manual_seed(3))
