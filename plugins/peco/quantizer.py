@@ -6,6 +6,13 @@ encoder outputs, and (3) tracks which codes are in use (usage share, perplexity,
 Under torch.distributed, code counts and sums are all-reduced and every random choice (k-means, restarts)
 is made on rank 0 and broadcast, so all ranks keep the same codebook.
 
+The codebook is written outside the optimiser (k-means, restarts, EMA), which a sharding strategy must see:
+k-means and restarts write through `ssl_zoo.engine.params.modifiable` (ZeRO-3 slices, ZeRO master copies),
+and both run before the lookup of a step, never after it: a gradient codebook is saved for backward by the
+lookup (the cosine metric normalises it), so a write after it would break that step's backward. The EMA
+update writes in place after the lookup; it needs no gradient, and an EMA codebook (no gradient, no
+optimiser state) stays a whole tensor under every strategy (ZeRO-3 keeps frozen parameters whole).
+
 The nearest-code search goes through `ssl_zoo_kernels.vq_nearest` (fused on GPUs, chunked PyTorch on CPUs).
 """
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from ssl_zoo.engine.params import modifiable
 
 from .config import QuantizerConfig
 
@@ -118,22 +127,30 @@ class VectorQuantizer(nn.Module):
             eps, k = self.cfg.ema_eps, self.cfg.num_codes
             smoothed = (self.ema_count + eps) / (total + k * eps) * total  # Laplace smoothing: no division by 0
             self.codebook.copy_(self.ema_sum / smoothed.unsqueeze(1))
-        if self.cfg.restart_dead:
-            self._restart_dead(z_flat, step)
         self.steps += 1
 
+    def _maintained(self) -> list[torch.Tensor]:
+        """The tensors k-means and restarts write."""
+        return [self.codebook, self.ema_sum, self.ema_count] if self.cfg.codebook_update == "ema" else [self.codebook]
+
     @torch.no_grad()
-    def _restart_dead(self, z_flat: torch.Tensor, step: int) -> None:
-        """Move codes unused for `dead_after_steps` steps onto random encoder outputs of this batch."""
-        since = step - torch.maximum(self.last_hit, self.last_restart)
-        dead = (since >= self.cfg.dead_after_steps).nonzero().squeeze(1)
+    def restart_dead(self, z: torch.Tensor) -> int:
+        """Before a training step's lookup: move every code that no input chose in the last `dead_after_steps`
+        steps onto a random vector of this step's (B, D, H, W) encoder outputs (rank 0's picks). Returns how
+        many codes moved. Call it outside this module's forward (see `ssl_zoo.engine.params`)."""
+        if not self.cfg.restart_dead:
+            return 0
+        step = int(self.steps)
+        since = step - torch.maximum(self.last_hit, self.last_restart)  # steps step-since .. step-1 were unused
+        dead = (since > self.cfg.dead_after_steps).nonzero().squeeze(1)
         if dead.numel() == 0:
-            return
+            return 0
+        z_flat = self._prepare(z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         picks = z_flat[torch.randint(0, z_flat.shape[0], (dead.numel(),), device=z_flat.device)]
-        if _distributed():
-            dist.broadcast(picks, src=0)
-        self._set_codes(dead, picks)
+        with modifiable(self._maintained()):
+            self._set_codes(dead, picks)
         self.last_restart[dead] = step
+        return dead.numel()
 
     def _set_codes(self, which: torch.Tensor, vectors: torch.Tensor) -> None:
         self.codebook[which] = vectors.to(self.codebook.dtype)
@@ -143,8 +160,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def kmeans_init(self, z: torch.Tensor) -> None:
-        """Set the codebook to k-means centroids of (B, D, H, W) encoder outputs, computed on rank 0 and
-        broadcast (BEiT v2 forgets the broadcast, so its ranks can start from different codebooks)."""
+        """Set the codebook to k-means centroids of (B, D, H, W) encoder outputs; rank 0's centroids are
+        broadcast (BEiT v2 forgets to, so its ranks can start from different codebooks). Call it outside this
+        module's forward."""
         z_flat = self._prepare(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]))
         k = self.cfg.num_codes
         start = torch.randperm(z_flat.shape[0], device=z_flat.device)
@@ -152,17 +170,16 @@ class VectorQuantizer(nn.Module):
             start = start.repeat(k // z_flat.shape[0] + 1)
         centroids = z_flat[start[:k]] + 1e-3 * z_flat.std() * torch.randn(k, z_flat.shape[1], device=z_flat.device)
         for _ in range(self.cfg.kmeans_iters):
-            self.codebook.copy_(centroids)
-            assign = self.nearest(z_flat)
+            assign, _ = ssl_zoo_kernels.vq_nearest(z_flat.contiguous(), centroids.contiguous(), metric=self.cfg.metric,
+                                                   impl=self.kernel_impl)
             counts = torch.bincount(assign, minlength=k).float()
             sums = torch.zeros_like(centroids).index_add_(0, assign, z_flat)
             used = counts > 0
             centroids[used] = sums[used] / counts[used].unsqueeze(1)
             if self.cfg.metric == "cosine":
                 centroids = F.normalize(centroids, dim=1)
-        if _distributed():
-            dist.broadcast(centroids, src=0)
-        self._set_codes(torch.arange(k, device=centroids.device), centroids)
+        with modifiable(self._maintained()):
+            self._set_codes(torch.arange(k, device=centroids.device), centroids)
         self.initialised.fill_(True)
 
     # ---- statistics ----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Loss = L1 pixel + perceptual + codebook/commitment, plus after `gan.start_step` 
 the generator's hinge term, weighted adaptively by the ratio of gradient norms of the reconstruction and
 GAN losses at the decoder's last layer, and the discriminator's hinge loss. The trainer has ONE optimiser,
 so each adversarial term is built to reach only its own side: the generator's term goes through the
-discriminator with detached parameters (`torch.func.functional_call`), the discriminator's sees detached
+discriminator by its input gradient alone (`_generator_term`), the discriminator's sees detached
 reconstructions. A single backward then trains both, each in its own parameter group.
 """
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig
-from torch.func import functional_call
 from torchvision.utils import save_image
 
 from ssl_zoo.method import Method, StepOutput
@@ -70,6 +69,18 @@ class PecoTokenizer(Method):
         weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
         return weight.clamp(0.0, self.losses.gan.max_adaptive_weight).detach() * self.losses.gan.weight
 
+    def _generator_term(self, recon: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The generator's hinge loss (detached) and a surrogate with its gradient for the reconstruction only.
+
+        The gradient d g / d recon goes through the discriminator's own forward and `autograd.grad` with
+        respect to its input alone, so the discriminator's parameters get none of it, under every strategy:
+        calling the discriminator with substituted (detached) parameters instead would bypass the hooks by
+        which ZeRO-3 gathers a module's partitioned parameters."""
+        fake = recon.detach().requires_grad_(True)
+        g_loss = hinge_g_loss(self.discriminator(fake))
+        (grad,) = torch.autograd.grad(g_loss, fake)
+        return g_loss.detach(), (recon * grad).sum()
+
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         images = batch["image"].contiguous(memory_format=self.memory_format)
         recon, quantized = self.tokenizer(images)
@@ -86,12 +97,10 @@ class PecoTokenizer(Method):
         }
         gan = self.losses.gan
         if self.discriminator is not None and step >= gan.start_step:
-            frozen = {k: v.detach() for k, v in self.discriminator.named_parameters()}
-            frozen.update(dict(self.discriminator.named_buffers()))
-            g_loss = hinge_g_loss(functional_call(self.discriminator, frozen, (recon,)))
-            d_weight = self._adaptive_weight(rec_loss, g_loss)
+            g_loss, g_surrogate = self._generator_term(recon)
+            d_weight = self._adaptive_weight(rec_loss, g_surrogate)
             d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
-            loss = loss + d_weight * g_loss + d_loss
+            loss = loss + d_weight * (g_surrogate - g_surrogate.detach() + g_loss) + d_loss  # value: g_loss
             metrics.update(loss_g=g_loss.item(), loss_d=d_loss.item(), gan_weight=d_weight.item())
         self.last_metrics = {"loss": loss.item(), **metrics}
         return StepOutput(loss, metrics)

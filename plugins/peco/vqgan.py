@@ -143,8 +143,11 @@ class VQTokenizer(nn.Module):
         return self.quant_conv(self.encoder(images))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, Quantized]:
-        """Reconstruction and the quantiser's output (training)."""
-        quantized = self.quantizer(self.encode_latent(images))
+        """Reconstruction and the quantiser's output (training: dead codes restart before the lookup)."""
+        z = self.encode_latent(images)
+        if self.training:
+            self.quantizer.restart_dead(z)
+        quantized = self.quantizer(z)
         return self.decoder(self.post_quant_conv(quantized.z_q)), quantized
 
     @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_zoo.engine import distributed as dist
+from ssl_zoo.engine.params import replicate_frozen_parameters
 from ssl_zoo.engine.strategy import (StepResult, build_optimizer, lr_factor, resolve_precision,
                                      set_activation_checkpointing)
 from ssl_zoo.method import Method
@@ -98,6 +99,8 @@ class DeepSpeedStrategy:
         for param in method.parameters():  # DeepSpeed broadcasts parameters as raw bytes: that needs the
             if param.ndim and param.stride(-1) != 1:  # row-major layout, which channels_last weights lack
                 param.data = param.data.clone(memory_format=torch.contiguous_format)
+        if self.trainer.zero_stage == 3:  # frozen networks stay whole on every rank (see replicate_frozen_parameters)
+            replicate_frozen_parameters(method)
         if self.trainer.offload_optimizer:  # offloaded states need DeepSpeed's CPU Adam (a C++ build)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 

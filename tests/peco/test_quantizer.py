@@ -86,15 +86,44 @@ def test_dead_codes_are_restarted_on_encoder_outputs() -> None:
     vq.train()
     z = torch.randn(1, 8, 2, 2)  # 4 vectors: at most 4 of 64 codes can be hit per step
     flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
-    for _ in range(3):
+    for _ in range(3):  # a training step: restarts, then the lookup
+        assert vq.restart_dead(z) == 0  # no code has been unused for more than 3 steps yet
         vq(z)
-    hit = vq.last_hit >= 0
-    restarted = vq.last_restart == 2
-    assert restarted.sum() >= 64 - 4 and not (restarted & (vq.last_hit == 2)).any()
-    # every restarted code now sits exactly on one of the batch's vectors
-    moved = vq.codebook.detach()[restarted]
-    assert (moved[:, None] - flat[None]).abs().amax(-1).min(1).values.max() < 1e-6
-    assert hit.sum() <= 4
+    hit_before = vq.last_hit >= 0
+    assert hit_before.sum() <= 4
+    moved = vq.restart_dead(z)  # step 3: codes unused in steps 0, 1, 2 move
+    restarted = vq.last_restart == 3
+    assert moved == int(restarted.sum()) == int((~hit_before).sum()) >= 64 - 4
+    # every restarted code now sits exactly on one of the batch's vectors, EMA statistics reset with it
+    codes = vq.codebook.detach()[restarted]
+    assert (codes[:, None] - flat[None]).abs().amax(-1).min(1).values.max() < 1e-6
+    assert torch.equal(vq.ema_sum[restarted], codes) and torch.all(vq.ema_count[restarted] == 1)
+    vq(z)
+    assert vq.restart_dead(z) == 0  # a restart counts as a use: nothing moves again at once
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_gradient_codebook_trains_through_restarts(metric: str) -> None:
+    """A gradient codebook is saved for backward by the lookup (cosine: by the normalisation): restarts
+    written after the lookup broke that step's backward (issue 14). The tokenizer's training step restarts
+    codes before the lookup, so training goes on."""
+    from ssl_zoo_peco.config import AutoencoderConfig, TokenizerConfig
+    from ssl_zoo_peco.vqgan import VQTokenizer
+
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(autoencoder=AutoencoderConfig(base_width=8, channel_mult=[1, 2], z_channels=8),
+                          quantizer=QuantizerConfig(num_codes=64, dim=8, metric=metric, codebook_update="gradient",
+                                                    dead_after_steps=1))
+    tokenizer = VQTokenizer(cfg, image_size=8, kernel_impl="torch").train()
+    optimizer = torch.optim.Adam(tokenizer.parameters(), lr=1e-3)
+    images = torch.rand(2, 3, 8, 8) * 2 - 1
+    for _ in range(4):
+        recon, quantized = tokenizer(images)
+        ((recon - images).abs().mean() + quantized.loss).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    quantizer = tokenizer.quantizer
+    assert (quantizer.last_restart >= 0).sum() > 0 and torch.isfinite(quantizer.codebook).all()
 
 
 def test_kmeans_init_beats_a_random_codebook() -> None:
