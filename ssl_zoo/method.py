@@ -105,6 +105,12 @@ class Method(nn.Module):
         The generator is seeded per (seed, epoch, index), so views are reproducible and resumable."""
         return None
 
+    @classmethod
+    def frozen_forward_bytes(cls, cfg: DictConfig, batch_size: int) -> float:
+        """Peak bytes of the no-grad forward of the method's frozen parts (a target tokenizer) on `batch_size`
+        samples, for the memory model (`ssl_zoo.engine.memory_model`); 0 when there is none."""
+        return 0.0
+
     def on_train_start(self, batch: Any) -> None:
         """Called once with the first batch, before the first step (k-means init, sanity checks)."""
 

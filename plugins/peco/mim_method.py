@@ -131,6 +131,13 @@ class Peco(Method):
         self.last_metrics = {"mim_loss": loss.item(), **metrics}
         return StepOutput(loss, metrics)
 
+    @classmethod
+    def frozen_forward_bytes(cls, cfg: DictConfig, batch_size: int) -> float:
+        """The frozen tokenizer's no-grad forward: at most 4 fp32 feature maps of its first (full-resolution)
+        level are alive at once (a ResBlock's input, normalised and activated maps, and its conv's output)."""
+        width = cfg.method.tokenizer.autoencoder.base_width * cfg.method.tokenizer.autoencoder.channel_mult[0]
+        return 4.0 * 4 * batch_size * width * tokenizer_image_size(cfg) ** 2
+
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled feature of the exported timm model (`forward_head(..., pre_logits=True)`): the final
         norm of the mean patch token (BEiT's fine-tuning input), or of [CLS] with `export_final_norm_as=norm`."""

@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_zoo.engine import distributed as dist
+from ssl_zoo.engine import memory_model
 from ssl_zoo.engine.params import replicate_frozen_parameters
 from ssl_zoo.engine.strategy import (StepResult, build_optimizer, lr_factor, resolve_precision,
                                      set_activation_checkpointing)
@@ -178,9 +179,9 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int, int]:
 
 
 def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str, Any]:
-    """Per-GPU and per-node memory for the model states (weights, gradients, Adam) under the configured ZeRO
-    stage and offload, from DeepSpeed's estimators. The method is built on the meta device: no memory, no
-    GPU. Activations come on top and depend on batch size and activation checkpointing."""
+    """Per-GPU memory of the configured run: our memory model (`ssl_zoo.engine.memory_model`: fp32 weights
+    under bf16 autocast, activations, frozen networks) and, beside it, DeepSpeed's model-states estimators
+    (which assume 16-bit weights). The method is built on the meta device: no memory, no GPU."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -200,7 +201,34 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
             cpu_offload_params=trainer.offload_params, zero_init=False)
     else:  # stage 1 shards the optimiser states as stage 2 does; its gradients are not, hence a lower bound
         cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=trainer.offload_optimizer)
-    frozen_bytes = 0 if trainer.offload_params else 4 * frozen  # frozen parts (a tokenizer) stay whole, fp32
+    bf16 = resolve_precision(trainer.precision, torch.device("cuda")) == torch.bfloat16
+    frozen_forward = METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, trainer.batch_size)
+    model = memory_model.estimate(trainable, frozen, nodes * gpus, trainer.zero_stage, cfg.model, trainer.batch_size,
+                                  bf16, trainer.activation_checkpointing, trainer.offload_optimizer,
+                                  trainer.offload_params, frozen_forward)
     return {"counted": built, "trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
-            "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": (gpu + frozen_bytes) / 2**30,
-            "cpu_gib_per_node": cpu / 2**30}
+            "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30,
+            "model_gib_per_gpu": model.total / 2**30, "model_parts_gib": model.as_gib()}
+
+
+def memory_fit_table(cfg: DictConfig, counts: dict[str, Any], world: int, gpu_gib: float) -> list[str]:
+    """Which ZeRO stage, micro-batch and recomputation fit `gpu_gib` per GPU at the configured global batch
+    (micro-batch x accumulation x `world` GPUs), by the memory model; `counts` from `estimate_memory`.
+    A markdown table of per-GPU GiB, '*' where it fits."""
+    trainer = cfg.trainer
+    global_batch = trainer.batch_size * trainer.accumulate * world
+    bf16 = resolve_precision(trainer.precision, torch.device("cuda")) == torch.bfloat16
+    micro = [b for b in (4, 8, 16, 32, 64, 128, 256) if global_batch % (b * world) == 0]
+    lines = ["| ZeRO | recompute | " + " | ".join(f"micro {b} (x{global_batch // (b * world)} accum.)" for b in micro)
+             + " |", "|" + "---|" * (2 + len(micro))]
+    for stage in (1, 2, 3):
+        for recompute in (False, True):
+            cells = []
+            for b in micro:
+                gib = memory_model.estimate(counts["trainable_params"], counts["frozen_params"], world, stage,
+                                            cfg.model, b, bf16, recompute, trainer.offload_optimizer,
+                                            trainer.offload_params and stage == 3,
+                                            METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, b)).total / 2**30
+                cells.append(f"{gib:.1f}{' *' if gib <= gpu_gib else ''}")
+            lines.append(f"| {stage} | {'on' if recompute else 'off'} | " + " | ".join(cells) + " |")
+    return lines

@@ -53,6 +53,7 @@ class SlurmConfig:
     sweep: list[str] = dataclasses.field(default_factory=list)  # job array: one "k=v k=v" string per task
     array_parallelism: int = checked(32, ge=1)
     dry_run: bool = False  # print what would be submitted and exit
+    gpu_memory_gib: float = 80.0  # memory per GPU that the dry run checks the memory model's figures against
     wait: bool = True  # wait for the job and return its summary
 
     @staticmethod
@@ -177,7 +178,7 @@ def describe(section: DictConfig, configs: list[DictConfig], params: dict[str, A
     the memory estimate of the model states."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    from ssl_zoo.engine.deepspeed_strategy import deepspeed_config, estimate_memory
+    from ssl_zoo.engine.deepspeed_strategy import deepspeed_config, estimate_memory, memory_fit_table
 
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(section.folder)}"
     world = section.nodes * section.tasks_per_node
@@ -195,11 +196,19 @@ def describe(section: DictConfig, configs: list[DictConfig], params: dict[str, A
             lines += ["# DeepSpeed config (saved as deepspeed_config.json in the run directory)",
                       json.dumps(deepspeed_config(trainer, world, device), indent=2)]
             est = estimate_memory(cfg, section.nodes, section.tasks_per_node)
-            lines.append(f"# model states ({est['counted']}), ZeRO-{est['zero_stage']}: "
-                         f"{est['trainable_params'] / 1e6:.1f} M trainable + "
-                         f"{est['frozen_params'] / 1e6:.1f} M frozen parameters -> {est['gpu_gib_per_gpu']:.2f} GiB "
-                         f"per GPU, {est['cpu_gib_per_node']:.1f} GiB CPU per node (DeepSpeed's estimator; "
-                         "activations come on top)")
+            parts = est["model_parts_gib"]
+            activations = "n/a (not a ViT model section)" if parts["activations"] is None else parts["activations"]
+            lines += [f"# memory per GPU ({est['counted']}: {est['trainable_params'] / 1e6:.1f} M trainable + "
+                      f"{est['frozen_params'] / 1e6:.1f} M frozen parameters), ZeRO-{est['zero_stage']}, micro-batch "
+                      f"{trainer.batch_size}, recompute {'on' if trainer.activation_checkpointing else 'off'}:",
+                      f"#   memory model: {est['model_gib_per_gpu']:.2f} GiB = weights {parts['weights']} + master "
+                      f"{parts['master']} + gradients {parts['gradients']} + Adam {parts['optimizer']} + frozen "
+                      f"{parts['frozen']} + activations {activations} (fp32 weights under bf16 autocast)",
+                      f"#   DeepSpeed's estimator: {est['gpu_gib_per_gpu']:.2f} GiB per GPU, "
+                      f"{est['cpu_gib_per_node']:.1f} GiB CPU per node (model states only, 16-bit weights assumed)",
+                      f"# what fits {section.gpu_memory_gib:g} GiB per GPU at global batch "
+                      f"{trainer.batch_size * trainer.accumulate * world} (memory model, GiB per GPU; * = fits):",
+                      *(f"#   {row}" for row in memory_fit_table(cfg, est, world, section.gpu_memory_gib))]
     return "\n".join(lines)
 
 

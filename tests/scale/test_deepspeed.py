@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ssl_zoo.config import TrainerConfig
 from ssl_zoo.engine.deepspeed_strategy import deepspeed_config
-from tests.scale.conftest import REPO, TINY_PECO, child_env, run_zoo
+from tests.scale.conftest import REPO, TINY_PECO, TOY, child_env, run_zoo
 
 pytestmark = pytest.mark.deepspeed
 
@@ -93,3 +93,63 @@ def test_settings_deepspeed_cannot_honour_are_refused_with_the_fix(override: dic
     with pytest.raises(ValueError, match=message):
         deepspeed_config(trainer, world_size=2, device_type="cpu")
     assert deepspeed_config(OmegaConf.structured(TrainerConfig), 2, "cpu")["zero_optimization"]["stage"] == 2
+
+
+#: the paper's codebook size (8192 x 256), for the ZeRO-3 case: large enough that ZeRO-3 would partition it
+PAPER_CODEBOOK = ["method.tokenizer.quantizer.num_codes=8192", "method.tokenizer.quantizer.dim=256"]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_stage_peco_trains_under_zero_from_one_command(stage: int, tmp_path: Path) -> None:
+    """`method=peco` without a tokenizer: stage 1 (k-means init, dead-code restarts, the GAN from its 2nd step)
+    then stage 2 on its export, both under ZeRO on 2 processes; the tokenizer keeps every code restartable."""
+    codebook = PAPER_CODEBOOK if stage == 3 else []
+    run_zoo(*TINY_PECO, *codebook, "method.tokenizer_training.max_steps=3", "method.tokenizer_loss.gan.start_step=1",
+            "method.tokenizer.quantizer.dead_after_steps=1", "trainer.max_steps=2", "trainer.strategy=deepspeed",
+            f"trainer.zero_stage={stage}", "launcher.nprocs=2", f"output_dir={tmp_path}", timeout=900)
+    tokenizer = json.loads((tmp_path / "tokenizer" / "summary.json").read_text())
+    assert tokenizer["codebook_size"] == (8192 if stage == 3 else 64) and tokenizer["codebook_usage"] > 0
+    assert "loss_g" in json.loads((tmp_path / "tokenizer" / "metrics.jsonl").read_text().splitlines()[-1])  # GAN ran
+    export = load_file(tmp_path / "tokenizer" / "export" / "method.safetensors")
+    codebook_tensor = export["tokenizer.quantizer.codebook"]
+    assert codebook_tensor.shape == ((8192, 256) if stage == 3 else (64, 32))
+    assert torch.isfinite(codebook_tensor).all() and bool(export["tokenizer.quantizer.initialised"])  # k-means ran
+    mim = json.loads((tmp_path / "mim" / "summary.json").read_text())
+    assert mim["steps"] == 2 and "final_mim_accuracy" in mim
+    assert json.loads((tmp_path / "mim" / "deepspeed_config.json").read_text())["zero_optimization"]["stage"] == stage
+
+
+def test_tokenizer_stage_resumes_exactly_under_zero3(tmp_path: Path) -> None:
+    """Stage 1 under ZeRO-3 killed after its step-3 checkpoint: the rerun continues with the same losses and
+    ends with the same weights, codebook statistics and optimiser shards as the uninterrupted run."""
+    args = ["method=peco_tokenizer", *[o for o in TINY_PECO if o != "method=peco"], "trainer.max_steps=6",
+            "trainer.checkpoint_every=3", "trainer.lr=1e-3", "method.tokenizer_loss.gan.start_step=2",
+            "method.tokenizer.quantizer.dead_after_steps=1", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
+            "launcher.nprocs=2"]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    run_zoo(*args, f"output_dir={full}", timeout=900)
+    shutil.copytree(full, killed, ignore=shutil.ignore_patterns("step-00000006", "export", "summary.json"))
+    (killed / "checkpoints" / "last").write_text("step-00000003\n")
+    proc = run_zoo(*args, f"output_dir={killed}", timeout=900)
+    assert "(step 3)" in proc.stdout
+    assert _losses(killed) == _losses(full)
+    weights = [load_file(r / "export" / "method.safetensors") for r in (full, killed)]
+    assert weights[0].keys() == weights[1].keys() and "tokenizer.quantizer.ema_count" in weights[0]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+    states = [_optimizer_states(r / "checkpoints" / "step-00000006") for r in (full, killed)]
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+
+def test_optimizer_offload_trains_as_the_on_device_optimizer_does(tmp_path: Path) -> None:
+    """`trainer.offload_optimizer=true`: DeepSpeed's CPU Adam (built just in time on first use) holds the
+    optimiser states and takes the step; it is AdamW, so the losses follow the non-offloaded run's."""
+    args = [*TOY, "trainer.strategy=deepspeed", "trainer.zero_stage=2", "launcher.nprocs=2", "trainer.max_steps=6"]
+    run_zoo(*args, "trainer.offload_optimizer=true", f"output_dir={tmp_path / 'offload'}", timeout=600)
+    run_zoo(*args, f"output_dir={tmp_path / 'device'}")
+    config = json.loads((tmp_path / "offload" / "deepspeed_config.json").read_text())
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    offloaded, on_device = _losses(tmp_path / "offload"), _losses(tmp_path / "device")
+    assert len(offloaded) == 6 and offloaded[-1] < offloaded[0]
+    assert offloaded == pytest.approx(on_device, rel=1e-4)

@@ -80,3 +80,48 @@ def test_preempted_job_requeues_and_resumes_from_its_checkpoint(slurm_partition:
     assert ran_before == list(range(1, first["last_step"] + 1))
     assert ran_after == list(range(first["last_step"] + 1, 31))
     assert json.loads((run / "summary.json").read_text())["resumed_from"] == str(checkpoint)
+
+
+def _submitted(stdout: str) -> list[str]:
+    return [line.split()[-1] for line in stdout.splitlines() if line.startswith("submitted SLURM job")]
+
+
+def _sacct(job_id: str, fields: str) -> list[list[str]]:
+    out = subprocess.run(["sacct", "-n", "-P", "-X", "-j", job_id, f"--format={fields}"], capture_output=True,
+                         text=True, check=True).stdout
+    return [line.split("|") for line in out.splitlines() if line.strip()]
+
+
+def test_sweep_runs_as_a_two_entry_job_array(slurm_partition: str, tmp_path: Path) -> None:
+    """`launcher.sweep` with two entries: one SLURM job array, each task its own run directory and setting."""
+    proc = run_zoo(*_slurm(tmp_path, slurm_partition, "trainer.max_steps=4",
+                           'launcher.sweep=["trainer.lr=0.001","trainer.lr=0.003 trainer.max_steps=5"]'))
+    assert "submitted SLURM job array" in proc.stdout
+    array_id = _submitted(proc.stdout)[0].split(",")[0].split("_")[0]
+    tasks = _sacct(array_id, "JobID,State")
+    assert sorted(t[0] for t in tasks) == [f"{array_id}_0", f"{array_id}_1"] and {t[1] for t in tasks} == {"COMPLETED"}
+    for i, (lr, steps) in enumerate([(0.001, 4), (0.003, 5)]):
+        run = tmp_path / "run" / f"sweep-{i}"
+        assert json.loads((run / "summary.json").read_text())["steps"] == steps
+        assert f"lr: {lr}" in (run / "config.yaml").read_text()
+
+
+def test_wait_false_chains_stage_two_after_stage_one(slurm_partition: str, tmp_path: Path) -> None:
+    """`launcher.wait=false` on the two-stage main job: both stages are submitted at once and the command
+    returns; stage 2 waits `afterok` on stage 1 in SLURM's queue, then trains on stage 1's export."""
+    out = tmp_path / "run"
+    started = time.time()
+    proc = run_zoo(*TINY_PECO, "trainer.max_steps=3", "method.tokenizer_training.max_steps=3", "launcher=slurm",
+                   f"launcher.partition={slurm_partition}", "launcher.mem_gb=4", "launcher.wait=false",
+                   f"output_dir={out}")
+    first, second = _submitted(proc.stdout)
+    dependency = subprocess.run(["scontrol", "show", "job", second], capture_output=True, text=True).stdout
+    assert f"afterok:{first}" in dependency  # (scontrol reports the dependency while stage 2 is pending)
+    assert not (out / "tokenizer" / "summary.json").exists()  # returned before stage 1 finished
+    deadline = started + 600
+    while not (out / "mim" / "summary.json").exists():
+        assert time.time() < deadline, "the chained stage 2 did not finish"
+        time.sleep(2)
+    (end_first,), (start_second,) = _sacct(first, "End")[0:1], _sacct(second, "Start")[0:1]
+    assert end_first <= start_second  # ISO timestamps: stage 2 started once stage 1 had ended
+    assert json.loads((out / "mim" / "summary.json").read_text())["steps"] == 3

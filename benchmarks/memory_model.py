@@ -1,0 +1,156 @@
+"""Checks the per-rank memory model (`ssl_zoo.engine.memory_model`) against per-rank peaks measured on CPU.
+
+    python -m benchmarks.memory_model [--models vit_tiny vit_small] [--stages 1 2 3] [--steps 3] [--out DIR]
+
+Every case is a fresh pair of processes (2 ranks over gloo) training the real pretraining step (PeCo MIM on
+a random-weight tokenizer of the configured size, synthetic images) through the real DeepSpeed engine for
+`--steps` steps. Each rank measures its own peak resident memory (VmHWM) from just before the method is
+built, against its resident memory at that point (imports, process group, the batch and a warm-up step of a
+throwaway copy, which maps the kernels' code, are already there),
+with glibc told to map large blocks (`MALLOC_ENV`) so that RSS follows the live tensors. The model's figure
+comes from the parameter counts of the built method and the model section, as the dry run computes it.
+Prints a table and writes `memory_model-<time>.json`.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch.multiprocessing as mp
+
+from benchmarks.throughput_memory import MALLOC_ENV, MIB
+
+#: model -> (overrides, per-rank micro-batch): sizes where activations and model states both matter
+MODELS = {
+    "vit_tiny": (["model=vit_tiny", "model.img_size=128"], 32),
+    "vit_small": (["model=vit_small", "model.img_size=128"], 16),
+}
+BASE = ["method=peco", "data=synthetic", "data.image_size=128", "trainer.device=cpu", "trainer.strategy=deepspeed",
+        "trainer.warmup_steps=1", "trainer.log_every=1", "method.mask.num_masked=26", "method.mask.min_block=4"]
+
+
+def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import torch
+
+    torch.set_num_threads(1)
+    from benchmarks.throughput_memory import MemoryProbe
+    from benchmarks.throughput_step import _random_tokenizer
+    from ssl_zoo.config import load_config
+    from ssl_zoo.data.loader import make_loader
+    from ssl_zoo.engine.deepspeed_strategy import _import_deepspeed, count_parameters
+    from ssl_zoo.engine.memory_model import estimate
+    from ssl_zoo.registry import DATASETS, METHODS
+    from ssl_zoo.train import seed_everything
+
+    cfg = load_config(case["overrides"])
+    if rank == 0:
+        _random_tokenizer(cfg, Path(out))
+    device = torch.device("cpu")
+    _import_deepspeed(device).init_distributed(dist_backend="gloo")
+    torch.distributed.barrier()
+    cfg = load_config([*case["overrides"], f"method.tokenizer.checkpoint='{Path(out) / 'tokenizer.safetensors'}'",
+                       f"output_dir={out}/run"])
+    method_cls = METHODS.get(cfg.method.name)
+    dataset = DATASETS.build(cfg.data, method_cls.make_transform(cfg), cfg.seed)
+    batch = next(make_loader(dataset, cfg.trainer.batch_size, 0, cfg.seed, rank, world, start=0))
+    batch.pop("skipped_images", None)
+    _warm_up(method_cls, cfg, batch)
+    probe = MemoryProbe(device)
+    baseline = probe.reset()
+    seed_everything(cfg.seed)
+    method = method_cls(cfg)
+    trainable, frozen, _ = count_parameters(method)
+    from ssl_zoo.engine.strategy import build_strategy
+
+    strategy = build_strategy(cfg, method, device)
+    method.on_train_start(batch)
+    for step in range(case["steps"]):
+        strategy.step([batch], step)
+    measured = (probe.peak() - baseline) * MIB
+    trainer = cfg.trainer
+    model = estimate(trainable, frozen, world, trainer.zero_stage, cfg.model, trainer.batch_size,
+                     bf16=trainer.precision == "bf16", checkpointing=trainer.activation_checkpointing,
+                     frozen_forward=method_cls.frozen_forward_bytes(cfg, trainer.batch_size), device_type="cpu")
+    result = {"rank": rank, "measured_mib": measured / MIB, "model_mib": model.total / MIB,
+              "parts_mib": {k: (v or 0) / MIB for k, v in vars(model).items()}, "trainable": trainable,
+              "frozen": frozen}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _warm_up(method_cls: Any, cfg: Any, batch: dict[str, Any]) -> None:
+    """One plain training step of a throwaway copy of the method on 2 samples, before the baseline: the first
+    use of a kernel maps its code and builds oneDNN primitives, resident memory a GPU would not count, and
+    the Python objects of a built model are reused from the allocator's free lists by the measured build."""
+    import gc
+
+    import torch
+
+    warm = method_cls(cfg).train()
+    small = {k: v[:2] if torch.is_tensor(v) else v for k, v in batch.items()}
+    warm.on_train_start(small)
+    optimizer = torch.optim.AdamW([p for p in warm.parameters() if p.requires_grad])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.trainer.precision == "bf16"):
+        loss = warm(small, 0).loss
+    loss.backward()
+    optimizer.step()
+    del warm, optimizer, loss
+    gc.collect()
+
+
+def run_case(case: dict[str, Any]) -> dict[str, Any]:
+    from ssl_zoo.engine.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rank, args=(2, free_port(), case, out), nprocs=2, start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    measured = max(r["measured_mib"] for r in ranks)
+    return {**case, "measured_mib_per_rank": [round(r["measured_mib"], 1) for r in ranks],
+            "model_mib": round(ranks[0]["model_mib"], 1), "parts_mib": ranks[0]["parts_mib"],
+            "model_over_measured": round(ranks[0]["model_mib"] / measured, 3),
+            "trainable": ranks[0]["trainable"], "frozen": ranks[0]["frozen"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.memory_model", description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--stages", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--recompute", nargs="+", default=["false", "true"])
+    parser.add_argument("--batch", type=int, help="per-rank micro-batch for every model (default: the model's)")
+    parser.add_argument("--steps", type=int, default=3, help="training steps per case (the first creates Adam)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    os.environ.update(MALLOC_ENV, DS_ACCELERATOR="cpu")  # inherited by the spawned ranks
+    results = []
+    print("| model | ZeRO | precision | recompute | measured MiB (rank 0, 1) | model MiB | model / measured |")
+    print("|---|---|---|---|---|---|---|")
+    for name, stage, precision, recompute in itertools.product(args.models, args.stages, args.precisions,
+                                                               args.recompute):
+        overrides, batch = MODELS[name]
+        batch = args.batch or batch
+        case = {"model": name, "zero_stage": stage, "precision": precision, "recompute": recompute == "true",
+                "batch": batch, "steps": args.steps,
+                "overrides": [*BASE, *overrides, f"trainer.batch_size={batch}", f"trainer.zero_stage={stage}",
+                              f"trainer.precision={precision}", f"trainer.activation_checkpointing={recompute}"]}
+        result = run_case(case)
+        results.append(result)
+        print(f"| {name} | {stage} | {precision} | {recompute} | {result['measured_mib_per_rank']} | "
+              f"{result['model_mib']} | {result['model_over_measured']} |", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"memory_model-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    worst = max(abs(r["model_over_measured"] - 1) for r in results)
+    print(f"wrote {path}; largest deviation of the model from the measurement: {worst:.1%}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Per-rank memory of a training run, from parameter counts and the model section: what `launcher.dry_run`
+prints for a recipe, and what `python -m benchmarks.memory_model` checks against per-rank peaks measured on
+CPU (the figures are in benchmarks/RESULTS.md).
+
+DeepSpeed's estimators assume 16-bit module weights; here bf16 is `torch_autocast`, which keeps the module in
+fp32 and casts inside the forward, and they leave out activations and frozen networks. This model counts, per
+rank, with P trainable and F frozen parameters on N ranks (bytes):
+
+- module weights, fp32: 4P under ZeRO-1/2; under ZeRO-3 this rank's slice 4P/N plus the parameters gathered
+  for the layers being computed (the prefetch bucket);
+- fp32 master copy in the optimiser (DeepSpeed keeps one even of fp32 weights): 4P/N;
+- gradients, fp32: 4P under ZeRO-1 (whole until the step); ZeRO-2/3: the partition 4P/N plus the reduce
+  bucket (DeepSpeed allocates buckets whole on a GPU; on a CPU only min(P, bucket) elements are ever written);
+- AdamW moments: 8P/N (0 on the GPU with `offload_optimizer`, which moves master, moments and the partitioned
+  gradients to CPU memory);
+- frozen networks: 4F, whole on every rank (ZeRO-3 keeps frozen parameters out of partitioning);
+- activations saved for backward, for a ViT model section (`embed_dim`, `depth`, `num_heads`, `img_size`,
+  `patch_size`, `mlp_ratio`): per block and token, the tensors autograd keeps (see `vit_activation_bytes`);
+  with activation checkpointing only each block's input stays, plus one block recomputed during backward.
+  A model section without those keys gets no activation term (the figure says so);
+- the no-grad forward of the frozen parts that make the method's targets (`Method.frozen_forward_bytes`, in
+  fp32; half under bf16 autocast), which runs before the backbone's forward: the peak takes the larger of it
+  and the activations.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+#: DeepSpeed's defaults (elements) for the buckets that hold whole gradients / gathered parameters at once
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class MemoryEstimate:
+    """Bytes per rank, by part; `total` is the modelled peak of a training step: the model states and frozen
+    weights, plus the larger of the backbone's activations and the frozen parts' no-grad forward (the method's
+    targets are computed before the backbone's forward, so the two are never alive together)."""
+
+    weights: float
+    master: float
+    gradients: float
+    optimizer: float
+    frozen: float
+    activations: Optional[float]  # None: the model section is not a ViT this model knows
+    frozen_forward: float = 0.0
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.master + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> float:
+        return self.model_states + self.frozen + max(self.activations or 0.0, self.frozen_forward)
+
+    def as_gib(self) -> dict[str, Any]:
+        parts = dataclasses.asdict(self)
+        return {k: (None if v is None else round(v / GIB, 3)) for k, v in {**parts, "total": self.total}.items()}
+
+
+def vit_activation_bytes(model: Any, batch: int, bf16: bool, checkpointing: bool) -> Optional[float]:
+    """Bytes autograd keeps for one training forward of a ViT (timm / BEiT blocks) on `batch` images.
+
+    Per block and token of width h, fp32: the inputs of LayerNorm 1 and 2, of the qkv, proj, fc1 and fc2
+    linears, q, k, v and the attention's output, GELU's and fc2's inputs (mlp_ratio x h each), both layer-scale
+    products: (11 + 2 mlp_ratio) h values, 76h bytes at mlp_ratio 4. Under bf16 autocast the LayerNorm inputs
+    stay fp32 and the rest is kept in bf16, (34 + 4 mlp_ratio) h bytes (50h), plus the bf16 copies of the
+    block's linear weights ((4 + 2 mlp_ratio) h^2 values), which autocast keeps for backward. Outside the
+    blocks (patch embedding, final norm, head inputs): 5h bytes per token in fp32, 16h in bf16. These are the
+    counts of the tensors a BEiT block hands to autograd (`saved_tensors_hooks`), which match the list. With
+    checkpointing each block keeps only its fp32 input (4h), and backward recomputes one block at a time."""
+    keys = ("embed_dim", "depth", "num_heads", "img_size", "patch_size")
+    if any(k not in model for k in keys):
+        return None
+    h, depth = int(model.embed_dim), int(model.depth)
+    mlp = float(model.get("mlp_ratio", 4.0))
+    tokens = batch * ((int(model.img_size) // int(model.patch_size)) ** 2 + 1)
+    per_token = ((34 + 4 * mlp) if bf16 else 4 * (11 + 2 * mlp)) * h
+    block = tokens * per_token + (2 * (4 + 2 * mlp) * h * h if bf16 else 0)
+    outside = tokens * (16 if bf16 else 5) * h
+    if not checkpointing:
+        return depth * block + outside
+    return depth * tokens * 4 * h + block + outside
+
+
+def estimate(trainable: int, frozen: int, world: int, zero_stage: int, model: Any, batch: int, bf16: bool,
+             checkpointing: bool, offload_optimizer: bool = False, offload_params: bool = False,
+             frozen_forward: float = 0.0, device_type: str = "cuda") -> MemoryEstimate:
+    """The per-rank memory of one training step (see the module docstring for each term). `frozen_forward`:
+    the method's `frozen_forward_bytes`. DeepSpeed allocates its buckets whole; on `device_type="cpu"` only the
+    pages written count, i.e. min(P, bucket)."""
+    p, n = float(trainable), max(1, world)
+
+    def bucket(size: int) -> float:
+        return 4 * (min(p, size) if device_type == "cpu" else size)
+
+    if zero_stage == 3:
+        weights = 0.0 if offload_params else 4 * p / n + bucket(PREFETCH_BUCKET)
+    else:
+        weights = 4 * p
+    if zero_stage == 1:
+        gradients = 4 * p
+    else:
+        gradients = (0.0 if offload_optimizer else 4 * p / n) + bucket(REDUCE_BUCKET)
+    master = 0.0 if offload_optimizer else 4 * p / n
+    optimizer = 0.0 if offload_optimizer else 8 * p / n
+    return MemoryEstimate(weights=weights, master=master, gradients=gradients, optimizer=optimizer,
+                          frozen=4.0 * frozen, activations=vit_activation_bytes(model, batch, bf16, checkpointing),
+                          frozen_forward=frozen_forward * (0.5 if bf16 else 1.0))
