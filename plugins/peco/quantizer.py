@@ -17,7 +17,7 @@ The nearest-code search goes through `ssl_zoo_kernels.vq_nearest` (fused on GPUs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import ssl_zoo_kernels
 import torch
@@ -30,9 +30,10 @@ from ssl_zoo.engine.params import modifiable
 from .config import QuantizerConfig
 
 
-@dataclass
-class Quantized:
-    """Output of the quantiser: straight-through codes (B, D, H, W), indices (B, H, W), loss and statistics."""
+class Quantized(NamedTuple):
+    """Output of the quantiser: straight-through codes (B, D, H, W), indices (B, H, W), loss and statistics.
+    A named tuple, so ZeRO-3 sees its tensors: it re-gathers a module's parameters for backward through hooks
+    on the module's output tensors (a gradient codebook is needed there), and cannot find them in a dataclass."""
 
     z_q: torch.Tensor
     indices: torch.Tensor
