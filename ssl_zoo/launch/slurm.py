@@ -53,7 +53,7 @@ class SlurmConfig:
     sweep: list[str] = dataclasses.field(default_factory=list)  # job array: one "k=v k=v" string per task
     array_parallelism: int = checked(32, ge=1)
     dry_run: bool = False  # print what would be submitted and exit
-    gpu_memory_gib: float = 80.0  # memory per GPU that the dry run checks the memory model's figures against
+    gpu_memory_gib: float = checked(80.0, gt=0)  # per GPU: what the dry run checks the memory model against
     wait: bool = True  # wait for the job and return its summary
 
     @staticmethod
