@@ -38,6 +38,7 @@ def test_frozen_forward_and_activations_are_not_added() -> None:
     assert est.total == pytest.approx(est.model_states + est.frozen + 1e12)
 
 
+@pytest.mark.e2e
 def test_dry_run_prints_the_model_beside_deepspeeds_estimator_and_what_fits() -> None:
     proc = run_zoo("experiment=peco_vit_large_slurm", "data.root=/data/imagenet/train", "launcher.partition=gpu",
                    "output_dir=/tmp/peco_vit_large_dry", "launcher.dry_run=true", "launcher.gpu_memory_gib=16",
