@@ -146,7 +146,7 @@ def test_optimizer_offload_trains_as_the_on_device_optimizer_does(tmp_path: Path
     """`trainer.offload_optimizer=true`: DeepSpeed's CPU Adam (built just in time on first use) holds the
     optimiser states and takes the step; it is AdamW, so the losses follow the non-offloaded run's."""
     args = [*TOY, "trainer.strategy=deepspeed", "trainer.zero_stage=2", "launcher.nprocs=2", "trainer.max_steps=6"]
-    run_zoo(*args, "trainer.offload_optimizer=true", f"output_dir={tmp_path / 'offload'}", timeout=600)
+    run_zoo(*args, "trainer.offload_optimizer=true", f"output_dir={tmp_path / 'offload'}", timeout=1200)  # + the cpu_adam build
     run_zoo(*args, f"output_dir={tmp_path / 'device'}")
     config = json.loads((tmp_path / "offload" / "deepspeed_config.json").read_text())
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
