@@ -21,12 +21,14 @@ setup(
         "ssl_zoo.engine",
         "ssl_zoo.launch",
         "ssl_zoo_peco",
+        "ssl_zoo_mae",
         "ssl_zoo_kernels",
         "ssl_zoo_configs",
     ],
     package_dir={
         "ssl_zoo": "ssl_zoo",
         "ssl_zoo_peco": "plugins/peco",
+        "ssl_zoo_mae": "plugins/mae",
         "ssl_zoo_kernels": "kernels",
         "ssl_zoo_configs": "configs",
     },
@@ -56,5 +58,5 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100,<7"],
         "dev": ["pytest>=8", "ruff>=0.5"],
     },
-    entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"], "ssl_zoo.plugins": ["peco=ssl_zoo_peco"]},
+    entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"], "ssl_zoo.plugins": ["peco=ssl_zoo_peco", "mae=ssl_zoo_mae"]},
 )
