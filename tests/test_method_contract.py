@@ -1,0 +1,134 @@
+"""One contract for every registered method (in the style of timm's tests over `list_models`).
+
+Parametrised over `METHODS` after every plugin has loaded (the entry points and the tests' toy method), so a
+new method gets all of it by registering: it builds from its config, its parameter groups cover every trainable
+weight once, it trains one step on the embedded photos through the real loop (`ssl_zoo.train.train`), a run
+resumed from its checkpoint ends with the same weights and losses as the uninterrupted one, the offline export
+of the checkpoint equals the run's own export, and `extract_features` gives one finite vector per image.
+
+A method whose `stages()` asks for earlier runs (PeCo's tokenizer) gets them run first, one step each, so its
+inputs are real exports. Runs are in-process and tiny: seconds per method on a quiet machine.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssl_zoo import registry
+from ssl_zoo.config import load_config
+from ssl_zoo.data.transforms import DefaultTransform
+from ssl_zoo.engine.logger import TIMING_KEYS
+from ssl_zoo.export import export
+from ssl_zoo.method import Method
+from ssl_zoo.registry import DATASETS, METHODS
+from ssl_zoo.train import train
+from tests.conftest import read_metrics
+
+TOY_PLUGIN = "tests.plugins.toy_method"
+registry.load_plugins([TOY_PLUGIN])
+
+#: settings of every contract run: two steps of four images, a checkpoint after each
+COMMON = [f"plugins=[{TOY_PLUGIN}]", "trainer.device=cpu", "trainer.batch_size=4", "trainer.max_steps=2",
+          "trainer.log_every=1", "trainer.checkpoint_every=1", "trainer.keep_checkpoints=3", "trainer.warmup_steps=1",
+          "trainer.progress=false", "data=embedded", "data.samples_per_epoch=16", "data.num_workers=0"]
+_PECO = ["model.img_size=32", "model.patch_size=8", "model.depth=2", "model.embed_dim=32", "model.num_heads=2",
+         "method.mask.num_masked=4", "method.mask.min_block=2", "method.tokenizer.autoencoder.channel_mult=[1,2,2,2]",
+         "method.tokenizer.autoencoder.base_width=8", "method.tokenizer.quantizer.num_codes=16",
+         "method.tokenizer.quantizer.dim=8", "method.tokenizer_loss.gan.width=8", "method.kernel_impl=torch",
+         "method.tokenizer_training.max_steps=1", "method.tokenizer_training.batch_size=4"]
+#: tiny sizes of the methods we know; a method missing here is tested at its own defaults
+TINY: dict[str, list[str]] = {
+    "toy_autoencoder": ["model=toy_mlp", "data.image_size=32"],
+    "mae": ["model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
+            "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"],
+    "peco_tokenizer": _PECO,
+    "peco": _PECO,
+}
+
+
+def reproducible(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+class ContractRun:
+    """One method's straight two-step run, and the same run resumed from the checkpoint of step 1."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        base = [f"method={name}", *COMMON, *TINY.get(name, [])]
+        self.name, self.straight, self.resumed = name, root / "straight", root / "resumed"
+        stages = METHODS.get(name).stages(load_config([*base, f"output_dir={root}"]))
+        for stage in stages[:-1]:  # earlier stages write the exports the last one reads
+            train(load_config([*base, *stage.overrides, f"output_dir={root / stage.name}"]))
+        self.overrides = [*base, *(stages[-1].overrides if stages else ())]
+        self.cfg = load_config([*self.overrides, f"output_dir={self.straight}"])
+        self.summary = train(self.cfg)
+        shutil.copytree(self.straight, self.resumed,
+                        ignore=shutil.ignore_patterns("step-00000002", "export", "summary.json", "pictures"))
+        (self.resumed / "checkpoints" / "last").write_text("step-00000001\n")
+        self.resumed_summary = train(load_config([*self.overrides, f"output_dir={self.resumed}"]))
+
+    def method(self) -> Method:
+        """The method as its config builds it, with the straight run's final weights."""
+        method = METHODS.get(self.name)(self.cfg)
+        method.load_state_dict(load_file(self.straight / "export" / "method.safetensors"))
+        return method.eval()
+
+
+@pytest.fixture(scope="module", params=METHODS.names())
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> ContractRun:
+    return ContractRun(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def test_every_plugin_method_is_registered() -> None:
+    assert {"mae", "peco", "peco_tokenizer", "toy_autoencoder"} <= set(METHODS.names())
+
+
+def test_builds_with_parameter_groups_that_cover_every_trainable_weight_once(run: ContractRun) -> None:
+    method = METHODS.get(run.name)(run.cfg)
+    assert isinstance(method, Method)
+    grouped = [id(p) for group in method.param_groups(0.05) for p in group["params"]]
+    trainable = [id(p) for p in method.parameters() if p.requires_grad]
+    assert sorted(grouped) == sorted(trainable) and trainable
+
+
+def test_trains_one_step_on_the_embedded_photos(run: ContractRun) -> None:
+    rows = read_metrics(run.straight)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert run.summary["steps"] == 2 and run.summary["method"] == run.name
+    for path in ("config.yaml", "checkpoints/step-00000001", "checkpoints/step-00000002",
+                 "export/method.safetensors", "export/backbone.safetensors"):
+        assert (run.straight / path).exists(), path
+
+
+def test_resumes_exactly_from_a_checkpoint(run: ContractRun) -> None:
+    assert run.resumed_summary["resumed_from"] == str(run.resumed / "checkpoints" / "step-00000001")
+    assert reproducible(read_metrics(run.resumed)) == reproducible(read_metrics(run.straight))
+    straight, resumed = (load_file(r / "export" / "method.safetensors") for r in (run.straight, run.resumed))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_offline_export_of_the_checkpoint_equals_the_runs_export(run: ContractRun, tmp_path: Path) -> None:
+    paths = export(run.straight, out=tmp_path)
+    for path in paths:
+        ours, theirs = load_file(path), load_file(run.straight / "export" / path.name)
+        assert ours.keys() == theirs.keys() and ours
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), path.name
+
+
+def test_extract_features_gives_one_finite_vector_per_image(run: ContractRun) -> None:
+    cfg = run.cfg
+    transform = METHODS.get(run.name).make_transform(cfg) or DefaultTransform(cfg.data.image_size)
+    dataset = DATASETS.build(cfg.data, transform, cfg.seed)
+    images = torch.stack([dataset[(0, i)]["image"] for i in range(4)])
+    with torch.no_grad():
+        features = run.method().extract_features(images)
+    assert features.ndim == 2 and features.shape[0] == 4 and features.shape[1] > 0
+    assert torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])  # depends on the image
