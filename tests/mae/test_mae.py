@@ -17,7 +17,8 @@ from ssl_zoo_mae.vit import build_mae_vit
 #: ViT with 2 blocks on a 4 x 4 grid of 8-px patches, decoder of 1 block: milliseconds per step
 TINY = ["method=mae", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
         "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("mae_vit_*ep.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment")
+                     .glob("mae_vit_*ep.yaml"))
 
 
 def tiny(*extra: str) -> Mae:
