@@ -23,7 +23,6 @@ class MaeVitConfig:
     num_heads: int = 3
     mlp_ratio: float = 4.0
     qkv_bias: bool = True
-    layer_norm_eps: float = 1e-6
     decoder_embed_dim: int = 128
     decoder_depth: int = 4
     decoder_num_heads: int = 4

@@ -22,6 +22,7 @@ from ssl_zoo.registry import BACKBONES
 from .config import MaeVitConfig
 
 POOLS = ("avg", "token")
+NORM = partial(LayerNorm, eps=1e-6)  # MAE's and timm's ViT norm
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -70,7 +71,7 @@ class MaeEncoder(VisionTransformer):
         super().__init__(
             img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="token",
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias, norm_layer=partial(LayerNorm, eps=cfg.layer_norm_eps), pos_embed="none",
+            qkv_bias=cfg.qkv_bias, norm_layer=NORM, pos_embed="none",
             device=device)
         del self.pos_embed  # timm's learnable slot (None here) gives way to the fixed buffer
         self.register_buffer("pos_embed", sincos_pos_embed(self.patch_embed.grid_size, cfg.embed_dim, device))
@@ -125,13 +126,12 @@ class MaeDecoder(nn.Module):
     def __init__(self, cfg: MaeVitConfig, grid: tuple[int, int], device: torch.device | str | None = None) -> None:
         super().__init__()
         width = cfg.decoder_embed_dim
-        norm = partial(LayerNorm, eps=cfg.layer_norm_eps)
         self.embed = nn.Linear(cfg.embed_dim, width, device=device)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width, device=device))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, width, device))
         self.blocks = nn.Sequential(*(Block(width, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True,
-                                            norm_layer=norm, device=device) for _ in range(cfg.decoder_depth)))
-        self.norm = norm(width, device=device)
+                                            norm_layer=NORM, device=device) for _ in range(cfg.decoder_depth)))
+        self.norm = NORM(width, device=device)
         self.pred = nn.Linear(width, cfg.patch_size**2 * 3, device=device)
         self.grad_checkpointing = False
         mae_init_(self)
