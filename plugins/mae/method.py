@@ -14,32 +14,12 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from ssl_zoo.config import ConfigError
-from ssl_zoo.method import Method, Stage, StepOutput
+from ssl_zoo.method import Method, StepOutput
 from ssl_zoo.registry import BACKBONES, METHODS
 
 from .config import MaeConfig
 from .transforms import MaeTransform
-from .vit import MaeDecoder, validate_model
-
-MODEL_FAMILY = "mae_vit"
-
-
-def check_config(cfg: DictConfig) -> None:
-    """The settings this method cannot run with, as one-line errors naming the key and the fix."""
-    if cfg.model.name != MODEL_FAMILY:
-        raise ConfigError(f"method=mae needs a model of the {MODEL_FAMILY} family (model=mae_vit_tiny ... "
-                          f"mae_vit_huge), got model.name={cfg.model.name}")
-    if not 0.0 < cfg.method.mask_ratio < 1.0:
-        raise ConfigError(f"method.mask_ratio must be between 0 and 1 (MAE: 0.75), got {cfg.method.mask_ratio}")
-    try:
-        validate_model(cfg.model)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
-    if int(num_patches * (1 - cfg.method.mask_ratio)) < 1:
-        raise ConfigError(f"method.mask_ratio={cfg.method.mask_ratio} keeps no patch of {num_patches}: lower it")
-
+from .vit import MaeDecoder
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, N, patch^2 * 3), patches in row-major order, pixels (row, column, channel)."""
@@ -59,7 +39,6 @@ def unpatchify(patches: torch.Tensor, patch: int, grid: tuple[int, int]) -> torc
 class Mae(Method):
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
-        check_config(cfg)
         self.encoder = BACKBONES.build(cfg.model)
         self.grid = tuple(self.encoder.patch_embed.grid_size)
         self.decoder = MaeDecoder(cfg.model, self.grid)
@@ -69,12 +48,6 @@ class Mae(Method):
         self.mean, self.std = list(cfg.method.view.mean), list(cfg.method.view.std)
 
     # ---- config and data --------------------------------------------------------------------
-    @classmethod
-    def stages(cls, cfg: DictConfig) -> list[Stage]:
-        """One stage; called by the core before any work, so the config is checked here too."""
-        check_config(cfg)
-        return []
-
     @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
         num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2

@@ -21,7 +21,6 @@ from ssl_zoo.registry import BACKBONES
 
 from .config import MaeVitConfig
 
-POOLS = ("avg", "token")
 NORM = partial(LayerNorm, eps=1e-6)  # MAE's and timm's ViT norm
 
 
@@ -51,23 +50,10 @@ def _run_blocks(blocks: nn.Sequential, x: torch.Tensor, recompute: bool) -> torc
     return x
 
 
-def validate_model(cfg: MaeVitConfig) -> None:
-    if cfg.img_size % cfg.patch_size:
-        raise ValueError(f"model.img_size={cfg.img_size} is not a multiple of model.patch_size={cfg.patch_size}")
-    if cfg.global_pool not in POOLS:
-        raise ValueError(f"model.global_pool must be one of {', '.join(POOLS)}, got '{cfg.global_pool}'")
-    for width, heads, prefix in ((cfg.embed_dim, cfg.num_heads, ""), (cfg.decoder_embed_dim, cfg.decoder_num_heads,
-                                                                        "decoder_")):
-        if width % 4 or width % heads:
-            raise ValueError(f"model.{prefix}embed_dim={width} must be a multiple of 4 (sin-cos position terms) "
-                             f"and of model.{prefix}num_heads={heads}")
-
-
 class MaeEncoder(VisionTransformer):
     """timm's ViT (no classifier, final norm over all tokens) that encodes only the patches a mask keeps."""
 
     def __init__(self, cfg: MaeVitConfig, device: torch.device | str | None = None) -> None:
-        validate_model(cfg)
         super().__init__(
             img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0, global_pool="token",
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
