@@ -58,5 +58,6 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100,<7"],
         "dev": ["pytest>=8", "ruff>=0.5"],
     },
-    entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"], "ssl_zoo.plugins": ["peco=ssl_zoo_peco", "mae=ssl_zoo_mae"]},
+    entry_points={"console_scripts": ["ssl-zoo=ssl_zoo.run:main"],
+                  "ssl_zoo.plugins": ["peco=ssl_zoo_peco", "mae=ssl_zoo_mae"]},
 )

@@ -8,7 +8,7 @@ import timm
 import torch
 from PIL import Image
 
-from ssl_zoo.config import ConfigError, load_config
+from ssl_zoo.config import load_config
 from ssl_zoo.engine.strategy import TorchStrategy
 from ssl_zoo.run import main
 from ssl_zoo_mae.method import Mae, patchify, unpatchify
