@@ -14,12 +14,12 @@ import torch
 from omegaconf import DictConfig
 from torchvision.utils import save_image
 
-from ssl_zoo.method import Method, StepOutput
+from ssl_zoo.method import Method, StepOutput, TimmSpec
 from ssl_zoo.registry import BACKBONES, METHODS
 
 from .config import MaeConfig
 from .transforms import MaeTransform
-from .vit import MaeDecoder
+from .vit import MaeDecoder, mae_vit_timm_spec
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     """(B, 3, H, W) -> (B, N, patch^2 * 3), patches in row-major order, pixels (row, column, channel)."""
@@ -48,6 +48,10 @@ class Mae(Method):
         self.mean, self.std = list(cfg.method.view.mean), list(cfg.method.view.std)
 
     # ---- config and data --------------------------------------------------------------------
+    @classmethod
+    def timm_spec(cls, cfg: DictConfig) -> TimmSpec:
+        return mae_vit_timm_spec(cfg.model, cfg.method.view.mean, cfg.method.view.std)
+
     @classmethod
     def make_transform(cls, cfg: DictConfig) -> Callable[[Any, torch.Generator], dict[str, torch.Tensor]]:
         num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2

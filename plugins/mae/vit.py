@@ -17,6 +17,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssl_zoo.method import TimmSpec
 from ssl_zoo.registry import BACKBONES
 
 from .config import MaeVitConfig
@@ -135,6 +136,15 @@ class MaeDecoder(nn.Module):
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         x = _run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.pred(self.norm(x))[:, 1:]
+
+
+def mae_vit_timm_spec(section: MaeVitConfig, mean: list[float], std: list[float]) -> TimmSpec:
+    """The timm `vit_*` model that `timm_state_dict()` loads into (every size through explicit arguments)."""
+    model_args = dict(img_size=section.img_size, patch_size=section.patch_size, embed_dim=section.embed_dim,
+                      depth=section.depth, num_heads=section.num_heads, mlp_ratio=section.mlp_ratio,
+                      qkv_bias=section.qkv_bias, global_pool=section.global_pool)
+    return TimmSpec("vit_base_patch16_224", model_args, (3, section.img_size, section.img_size), tuple(mean),
+                    tuple(std))
 
 
 @BACKBONES.register("mae_vit", schema=MaeVitConfig)

@@ -138,10 +138,13 @@ def test_encoders_have_timm_and_paper_sizes(size: str, architecture: str, millio
 
 
 @pytest.mark.parametrize("pool", ["avg", "token"])
-def test_backbone_loads_into_timm_with_only_the_head_missing_and_gives_the_same_features(pool: str) -> None:
-    method = tiny(f"model.global_pool={pool}").eval()
-    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2,
-                              num_heads=2, global_pool=pool, num_classes=5).eval()
+def test_backbone_loads_into_its_timm_form_with_only_the_head_missing_and_gives_the_same_features(pool: str) -> None:
+    cfg = load_config([*TINY, f"model.global_pool={pool}"])
+    torch.manual_seed(0)
+    method = Mae(cfg).eval()
+    spec = Mae.timm_spec(cfg)
+    assert spec.architecture.startswith("vit_") and spec.input_size == (3, 32, 32)
+    model = timm.create_model(spec.architecture, num_classes=5, **spec.model_args).eval()
     result = model.load_state_dict(method.backbone_state_dict(), strict=False)
     assert sorted(result.missing_keys) == ["head.bias", "head.weight"] and not result.unexpected_keys
     images = batch()["image"]

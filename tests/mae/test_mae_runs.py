@@ -18,7 +18,8 @@ from tests.scale.conftest import run_zoo, slurm_partition  # noqa: F401  (the cl
 TINY_MAE = ["method=mae", "model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2",
             "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
             "data.samples_per_epoch=256", "data.num_workers=0", "trainer.device=cpu", "trainer.batch_size=16",
-            "trainer.log_every=1", "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.betas=[0.9,0.95]"]
+            "trainer.log_every=1", "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.betas=[0.9,0.95]",
+            "trainer.eval_at_end=false"]
 
 
 def losses(run: Path) -> list[float]:
@@ -32,7 +33,7 @@ def mean(values: list[float]) -> float:
 @pytest.mark.e2e
 def test_one_process_trains_with_falling_loss_and_draws_the_reconstructions(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = run_zoo(*TINY_MAE, "trainer.max_steps=30", f"output_dir={out}")
+    proc = run_zoo(*TINY_MAE, "trainer.max_steps=30", "trainer.eval_at_end=true", f"output_dir={out}")
     curve = losses(out)
     assert len(curve) == 30 and mean(curve[-5:]) < 0.9 * mean(curve[:5]), curve
     summary = json.loads((out / "summary.json").read_text())
@@ -40,6 +41,8 @@ def test_one_process_trains_with_falling_loss_and_draws_the_reconstructions(tmp_
     assert Image.open(out / "pictures" / "reconstructions.png").size == (3 * 32 + 8, 8 * 32 + 18)
     assert "mask_token" not in load_file(out / "export" / "backbone.safetensors")
     assert "final_loss" in proc.stdout
+    for key in ("knn_top1", "knn_random_init", "linear_top1", "linear_random_init"):  # the end-of-run score
+        assert 0.0 <= summary[key] <= 1.0 and key in proc.stdout, key
 
 
 @pytest.mark.e2e
