@@ -1,11 +1,11 @@
 """ssl_zoo: a config-driven self-supervised-learning zoo for Vision Transformers, with fused kernels.
 
-Three import packages come from this one distribution, under names no other distribution uses:
-`ssl_zoo` (the generic core, from ssl_zoo/), `ssl_zoo_peco` (the PeCo plugin, from plugins/peco/),
-`ssl_zoo_kernels` (fused ops with their PyTorch references, from kernels/), plus `ssl_zoo_configs`
-(the YAML config groups, from configs/).
+Import packages of this one distribution, under names no other distribution uses: `ssl_zoo` (the generic
+core, from ssl_zoo/, every sub-package found), `ssl_zoo_peco` and `ssl_zoo_mae` (the plugins, from
+plugins/peco/ and plugins/mae/), `ssl_zoo_kernels` (fused ops with their PyTorch references, from kernels/),
+and `ssl_zoo_configs` (the YAML config groups, from configs/).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="ssl-zoo",
@@ -16,10 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=[
-        "ssl_zoo",
-        "ssl_zoo.data",
-        "ssl_zoo.engine",
-        "ssl_zoo.launch",
+        *find_packages(include=["ssl_zoo", "ssl_zoo.*"]),  # a new core sub-package cannot be left out
         "ssl_zoo_peco",
         "ssl_zoo_mae",
         "ssl_zoo_kernels",
