@@ -210,7 +210,7 @@ def masked_linear_cross_entropy(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     mask: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     impl: str = "auto",
@@ -224,7 +224,9 @@ def masked_linear_cross_entropy(
         weight: (V, H) classifier weight; bias: (V,) or None.
         targets: (...) int64 class indices, same leading shape as ``hidden``.
         mask: (...) bool, True for the rows that take part; None selects every row.
-        ignore_index: selected rows whose target equals it do not count (loss 0, no gradient).
+        ignore_index: selected rows whose target equals it do not count (loss 0, no gradient). None: every
+            selected row counts and the targets are trusted to lie in [0, V) (not checked); with ``mask=None``
+            too the call then reads no value on the host (no device synchronisation).
         label_smoothing: as in ``F.cross_entropy``.
         reduction: ``"mean"`` over the counted rows of the whole call (0 when none count, never NaN),
             ``"sum"``, or ``"none"``: one loss per selected row (shape of ``targets`` without a mask, the
@@ -252,13 +254,13 @@ def masked_linear_cross_entropy(
     if mask is not None and (mask.shape != targets.shape or mask.dtype != torch.bool):
         raise ValueError(f"mask must be bool with the shape of targets {tuple(targets.shape)}, got {mask.dtype} "
                          f"{tuple(mask.shape)}")
-    valid = targets != ignore_index
-    counted = valid if mask is None else mask & valid
-    if bool(counted.all()):
+    valid = None if ignore_index is None else targets != ignore_index
+    counted = mask if valid is None else valid if mask is None else mask & valid
+    if counted is None or bool(counted.all()):
         x, t = hidden.reshape(-1, width), targets.reshape(-1)
     else:  # boolean indexing gathers only the counted rows, even from a strided view like hidden[:, 1:]
         x, t = hidden[counted], targets[counted]
-    if t.numel() and not t.is_cuda and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
+    if valid is not None and t.numel() and not t.is_cuda and (int(t.min()) < 0 or int(t.max()) >= weight.shape[0]):
         raise IndexError(f"targets must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
 
     if resolve_impl(impl, hidden.device) == "triton" and hidden.dtype != torch.float64:
@@ -278,7 +280,7 @@ def masked_linear_cross_entropy(
     loss, correct = _LinearCrossEntropy.apply(
         x, weight, bias, t, scale, float(label_smoothing), per_row, chunk_op, matmul_dtype, chunk, wants, return_accuracy
     )
-    if per_row:  # scatter back to one loss per selected row, 0 where the target is ignored
+    if per_row and valid is not None:  # scatter back to one loss per selected row, 0 where the target is ignored
         kept = valid if mask is None else valid[mask]
         loss = loss.new_zeros(kept.shape).masked_scatter(kept, loss)
     if not return_accuracy:

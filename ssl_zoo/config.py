@@ -50,6 +50,7 @@ class TrainerConfig:
     grad_clip: float = checked(3.0, ge=0)  # 0 turns clipping off
     # auto = bf16 where the device supports it fast
     precision: str = checked("auto", choices=("auto", "fp32", "bf16", "fp16"))
+    max_bad_steps: int = checked(10, ge=1)  # non-finite steps are skipped; this many in a row stop the run
     compile: bool = False
     device: str = checked("auto", choices=("auto", "cpu", "cuda"))
     strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | deepspeed | a registered strategy

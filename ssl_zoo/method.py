@@ -18,10 +18,13 @@ from torch import nn
 
 @dataclasses.dataclass
 class StepOutput:
-    """What `training_step` returns: the loss to minimise and scalar metrics to log beside it."""
+    """What `training_step` returns: the loss to minimise and scalar metrics to log beside it.
+
+    Metrics are 0-d tensors (detached) or numbers: the trainer reads them at log steps only, since reading a
+    device tensor (`.item()`, `float()`) every step would make the host wait for the device."""
 
     loss: torch.Tensor
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, torch.Tensor | float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,10 @@ from ssl_zoo.errors import UserError
 from ssl_zoo.launch.local import Stopped
 from ssl_zoo.method import Stage
 from ssl_zoo.registry import LAUNCHERS, METHODS, PluginImportError, RegistryError, load_plugins
+from ssl_zoo.train import TooManyBadSteps
 
-USER_ERRORS = (UserError, RegistryError, PluginImportError, FileNotFoundError)
+#: errors reported as one `error:` line (no traceback): a user's mistake, or a run that cannot go on
+USER_ERRORS = (UserError, RegistryError, PluginImportError, FileNotFoundError, TooManyBadSteps)
 
 
 def _plugin_overrides(argv: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ from ssl_zoo.data.transforms import DefaultTransform
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
 from ssl_zoo.engine.logger import MetricsLogger
-from ssl_zoo.engine.strategy import build_strategy
+from ssl_zoo.engine.strategy import build_strategy, describe_precision
 from ssl_zoo.evaluation.frozen import KnnMonitor
 from ssl_zoo.registry import DATASETS, METHODS
 
@@ -79,12 +79,15 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
     with config_lib.user_errors(f"building method {cfg.method.name}"):
         method = method_cls(cfg)
         strategy = build_strategy(cfg, method, device)
+    if rank == 0:
+        print(describe_precision(trainer.precision, device), flush=True)
     checkpoints = CheckpointManager(out, trainer.keep_checkpoints)
-    start_step, resumed_from = 0, checkpoints.latest()
+    start_step, resumed_from, carried = 0, checkpoints.latest(), {}
     if resumed_from is not None:
         with config_lib.user_errors(f"resuming from {resumed_from}"):
             strategy.load(resumed_from)
-            start_step = checkpoints.load_trainer_state(resumed_from)["step"]
+            carried = checkpoints.load_trainer_state(resumed_from)
+            start_step = carried["step"]
         if rank == 0:
             print(f"resuming from {resumed_from} (step {start_step})", flush=True)
     else:
@@ -96,63 +99,122 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
         batches = make_loader(dataset, trainer.batch_size, cfg.data.num_workers, cfg.seed, rank, world,
                               start=start_step * trainer.accumulate, pin_memory=device.type == "cuda")
     logger = MetricsLogger(out, start_step, trainer.max_steps, enabled=rank == 0, progress=trainer.progress)
+    counts = RunCounts(device, carried)
     monitor = KnnMonitor(cfg, method_cls) if trainer.eval_every and rank == 0 else None
     try:
-        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, start_step, device, should_stop, monitor)
-        summary = _finish(cfg, strategy, checkpoints, logger, last_batch, started, resumed_from)
+        last_batch = _loop(cfg, strategy, batches, checkpoints, logger, counts, start_step, device, should_stop,
+                           monitor)
+        summary = _finish(cfg, strategy, checkpoints, logger, counts, last_batch, started, resumed_from)
     finally:
         logger.close()
         dist.shutdown()
     return summary
 
 
+class TooManyBadSteps(RuntimeError):
+    """`trainer.max_bad_steps` steps in a row had a non-finite loss or gradient: the run stops, keeping its
+    last checkpoint (skipped steps change no weight, so every checkpoint holds finite weights)."""
+
+
+class RunCounts:
+    """What the loop counts on the device between log steps, so that counting is no host synchronisation:
+    images the data pipeline skipped (this rank's, since this process started), steps skipped for a non-finite
+    loss or gradient, the current and the longest run of those. `read()` adds what the checkpoint carried to
+    the images summed over ranks (a collective, at log and checkpoint steps only)."""
+
+    def __init__(self, device: torch.device, carried: dict[str, Any]) -> None:
+        self.carried_images = int(carried.get("skipped_images", 0))
+        self.images = torch.zeros((), dtype=torch.int64, device=device)
+        self.steps = torch.tensor(int(carried.get("skipped_steps", 0)), device=device)
+        self.in_a_row = torch.tensor(int(carried.get("bad_steps_in_a_row", 0)), device=device)
+        self.longest = self.in_a_row.clone()
+
+    def add(self, skipped_images: torch.Tensor, skipped_step: torch.Tensor) -> None:
+        self.images += skipped_images.to(self.images.device)
+        bad = skipped_step.to(torch.int64)
+        self.steps += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        torch.maximum(self.longest, self.in_a_row, out=self.longest)
+
+    def read(self) -> dict[str, int]:
+        images = dist.sum_over_ranks(self.images)
+        images, steps, in_a_row, longest = torch.stack([images, self.steps, self.in_a_row, self.longest]).tolist()
+        return {"skipped_images": self.carried_images + images, "skipped_steps": steps,
+                "bad_steps_in_a_row": in_a_row, "longest_bad_run": longest}
+
+
+def _trainer_state(done: int, trainer: DictConfig, totals: dict[str, int]) -> dict[str, int]:
+    """What a checkpoint carries besides the strategy's state: the position and the run's counts."""
+    return {"step": done, "micro_batches": done * trainer.accumulate,
+            **{k: totals[k] for k in ("skipped_images", "skipped_steps", "bad_steps_in_a_row")}}
+
+
 def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
-          logger: MetricsLogger, start_step: int, device: torch.device,
+          logger: MetricsLogger, counts: RunCounts, start_step: int, device: torch.device,
           should_stop: Callable[[], bool] | None, monitor: Callable[[Any], dict[str, float]] | None = None
           ) -> dict[str, Any] | None:
+    """The steps. Nothing here reads a device value between log and checkpoint steps (the strategy's step
+    neither), so a GPU's queue never drains; a run of bad steps is noticed at the next of those steps."""
     trainer = cfg.trainer
     images_per_step = trainer.batch_size * trainer.accumulate * dist.world_size()
-    last_batch, skipped, tick = None, 0, time.perf_counter()
+    last_batch, tick, ticked_at = None, time.perf_counter(), start_step
     for step in range(start_step, trainer.max_steps):
         micro = [to_device(next(batches), device) for _ in range(trainer.accumulate)]
-        skipped += sum(int(b.pop("skipped_images").sum()) for b in micro)
+        skipped_images = torch.stack([b.pop("skipped_images").sum() for b in micro]).sum()
         if step == 0:
             strategy.method.on_train_start(micro[0])
         result = strategy.step(micro, step)
+        counts.add(skipped_images, result.skipped)
         last_batch = micro[-1]
         done = step + 1
-        now = time.perf_counter()
-        images_per_s = images_per_step / max(now - tick, 1e-9)
-        tick = now
-        logger.progress(done, result.loss, images_per_s)
-        if done % trainer.log_every == 0 or done == trainer.max_steps:
-            values = dist.mean_over_ranks({"loss": result.loss, **result.metrics}, device)
-            if skipped:
-                values["skipped_images"] = skipped
-            logger.log(done, {**values, "images_per_s": images_per_s})
+        logger.progress(done)
+        log_now = done % trainer.log_every == 0 or done == trainer.max_steps
+        periodic = done % trainer.checkpoint_every == 0
+        if log_now or periodic:
+            totals = counts.read()
+            if log_now:
+                values = dist.mean_over_ranks({"loss": result.loss, **result.metrics}, device)
+                values.update({k: totals[k] for k in ("skipped_images", "skipped_steps") if totals[k]})
+                now = time.perf_counter()
+                images_per_s = images_per_step * (done - ticked_at) / max(now - tick, 1e-9)
+                tick, ticked_at = now, done
+                logger.log(done, {**values, "images_per_s": images_per_s})
+            if totals["longest_bad_run"] >= trainer.max_bad_steps:
+                last = checkpoints.latest()
+                raise TooManyBadSteps(
+                    f"{totals['longest_bad_run']} steps in a row had a non-finite loss or gradient (skipped; "
+                    f"{totals['skipped_steps']} in all, trainer.max_bad_steps={trainer.max_bad_steps}): stopped at "
+                    f"step {done}, keeping the last checkpoint ({last or 'none yet'}); lower trainer.lr, check the "
+                    "data, or use trainer.precision=fp32")
         if monitor is not None and done % trainer.eval_every == 0:  # rank 0; the others wait at the next sync
             logger.log(done, monitor(strategy.method))
         if trainer.visualize_every and done % trainer.visualize_every == 0 and dist.rank() == 0:
             strategy.method.visualize(last_batch, Path(cfg.output_dir) / "pictures")
-        periodic = done % trainer.checkpoint_every == 0
         if periodic and done != trainer.max_steps:
-            checkpoints.save(done, strategy.save, {"step": done, "micro_batches": done * trainer.accumulate})
-        # ranks may see the signal at different steps: the max over ranks makes them stop at the same one
-        if should_stop is not None and done != trainer.max_steps and \
-                dist.mean_over_ranks({"stop": float(should_stop())}, device)["stop"] > 0:
+            checkpoints.save(done, strategy.save, _trainer_state(done, trainer, totals))
+        if should_stop is not None and done != trainer.max_steps and _stop_now(should_stop, log_now or periodic, device):
             if not periodic:
-                checkpoints.save(done, strategy.save, {"step": done, "micro_batches": done * trainer.accumulate})
+                checkpoints.save(done, strategy.save, _trainer_state(done, trainer, counts.read()))
             raise Preempted(done)
     return last_batch
 
 
+def _stop_now(should_stop: Callable[[], bool], log_or_checkpoint_step: bool, device: torch.device) -> bool:
+    """Whether to stop after this step. One process polls its flag every step (a host flag: no device read).
+    Ranks may see a signal at different steps, so several agree through an all-reduce of their flags, which
+    reads the device: they do so at log and checkpoint steps only, so a stop waits up to `log_every` steps."""
+    if dist.world_size() == 1:
+        return should_stop()
+    return log_or_checkpoint_step and dist.mean_over_ranks({"stop": float(should_stop())}, device)["stop"] > 0
+
+
 def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logger: MetricsLogger,
-            last_batch: dict[str, Any] | None, started: float, resumed_from: Path | None) -> dict[str, Any]:
+            counts: RunCounts, last_batch: dict[str, Any] | None, started: float, resumed_from: Path | None) -> dict[str, Any]:
     trainer, out = cfg.trainer, Path(cfg.output_dir)
     final = checkpoints.latest()
     if final is None or final.name != f"step-{trainer.max_steps:08d}":
         final = checkpoints.save(trainer.max_steps, strategy.save,
-                                 {"step": trainer.max_steps, "micro_batches": trainer.max_steps * trainer.accumulate})
+                                 _trainer_state(trainer.max_steps, trainer, counts.read()))
     weights = strategy.full_state_dict()
     if dist.rank() != 0:
         return {}

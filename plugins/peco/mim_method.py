@@ -37,10 +37,14 @@ class MimHead(nn.Module):
     """Linear head over the vocabulary fused with the masked cross-entropy (no full logits).
 
     A module whose forward takes the weights, rather than a call on `head.weight` from outside: ZeRO-3 gathers
-    a module's partitioned parameters only around that module's own forward and backward."""
+    a module's partitioned parameters only around that module's own forward and backward.
 
-    def __init__(self, width: int, vocab_size: int, kernel_impl: str) -> None:
+    Every mask has exactly `num_masked` patches (see masking.py), so the masked rows are gathered by a sort of
+    the mask rather than by boolean indexing, whose output size the host would have to wait for."""
+
+    def __init__(self, width: int, vocab_size: int, kernel_impl: str, num_masked: int) -> None:
         super().__init__()
+        self.num_masked = num_masked
         self.weight = nn.Parameter(torch.empty(vocab_size, width))
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         trunc_normal_(self.weight, std=0.02)
@@ -56,9 +60,12 @@ class MimHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, C) tokens, (B, N) codes (in range: the tokenizer's), (B, N) mask -> (loss, accuracy)."""
+        rows = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :self.num_masked]
+        hidden = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         return ssl_zoo_kernels.masked_linear_cross_entropy(
-            hidden, self.weight, self.bias, targets, mask=mask, label_smoothing=label_smoothing,
-            impl=self.kernel_impl, return_accuracy=True)
+            hidden, self.weight, self.bias, targets.gather(1, rows), ignore_index=None,
+            label_smoothing=label_smoothing, impl=self.kernel_impl, return_accuracy=True)
 
 
 def _override_value(value: Any) -> str:
@@ -91,8 +98,9 @@ class Peco(Method):
                 f"the tokenizer's token grid {grid}x{grid} (image size {image_size} / {self.tokenizer.factor}) must "
                 f"equal the ViT's patch grid {self.backbone.grid_size} (model.img_size / model.patch_size); "
                 "leave method.tokenizer.image_size unset to derive it from the model")
-        self.head = MimHead(self.backbone.embed_dim, self.tokenizer.vocab_size, section.kernel_impl)
-        self.last_metrics: dict[str, float] = {}
+        self.head = MimHead(self.backbone.embed_dim, self.tokenizer.vocab_size, section.kernel_impl,
+                            section.mask.num_masked)
+        self.last_metrics: dict[str, torch.Tensor] = {}  # the last step's, read by `summary`
 
     # ---- stages and data ---------------------------------------------------------------------
     @classmethod
@@ -127,8 +135,8 @@ class Peco(Method):
         targets = self.tokenizer.tokenize(batch["tokenizer_view"].contiguous(memory_format=self.memory_format))
         hidden = self.backbone(batch["image"], mask)[:, 1:]
         loss, accuracy = self.head(hidden, targets, mask, self.label_smoothing)
-        metrics = {"mim_accuracy": float(accuracy)}
-        self.last_metrics = {"mim_loss": loss.item(), **metrics}
+        metrics = {"mim_accuracy": accuracy.detach()}  # tensors: read at log steps only
+        self.last_metrics = {"mim_loss": loss.detach(), **metrics}
         return StepOutput(loss, metrics)
 
     @classmethod
@@ -148,4 +156,4 @@ class Peco(Method):
         return self.backbone.timm_state_dict()
 
     def summary(self) -> dict[str, Any]:
-        return {f"final_{k}": round(v, 4) for k, v in self.last_metrics.items()}
+        return {f"final_{k}": round(float(v), 4) for k, v in self.last_metrics.items()}

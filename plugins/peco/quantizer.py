@@ -184,7 +184,11 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     # ---- statistics ----------------------------------------------------------------------------
-    def usage(self) -> float:
-        """Share of codes chosen at least once within the last `usage_window_steps` training steps."""
+    def usage_share(self) -> torch.Tensor:
+        """Share of codes chosen at least once within the last `usage_window_steps` training steps (a tensor on
+        the codebook's device: a per-step metric, read at log steps only)."""
         recent = (self.last_hit >= 0) & (self.steps - self.last_hit <= self.cfg.usage_window_steps)
-        return float(recent.float().mean())
+        return recent.float().mean()
+
+    def usage(self) -> float:
+        return float(self.usage_share())

@@ -40,7 +40,7 @@ class PecoTokenizer(Method):
         self.discriminator = PatchDiscriminator(gan.num_layers, gan.width) if gan.enabled else None
         self.memory_format = torch.channels_last if section.channels_last else torch.contiguous_format
         self.to(memory_format=self.memory_format)
-        self.last_metrics: dict[str, float] = {}
+        self.last_metrics: dict[str, torch.Tensor] = {}  # the last step's, read by `summary`
         self.eval_cfg = section.tokenizer_eval
         self._heldout_recon: tuple[torch.Tensor, torch.Tensor] | None = None  # (inputs, reconstructions)
 
@@ -88,12 +88,12 @@ class PecoTokenizer(Method):
         perceptual = self.perceptual(recon, images)
         rec_loss = self.losses.pixel_weight * pixel + self.losses.perceptual_weight * perceptual
         loss = rec_loss + self.losses.codebook_weight * quantized.loss
-        metrics = {
-            "loss_pixel": pixel.item(),
-            "loss_perceptual": perceptual.item(),
-            "loss_codebook": quantized.loss.item(),
-            "codebook_usage": self.tokenizer.quantizer.usage(),
-            "perplexity": quantized.perplexity.item(),
+        metrics = {  # tensors: read at log steps only
+            "loss_pixel": pixel.detach(),
+            "loss_perceptual": perceptual.detach(),
+            "loss_codebook": quantized.loss.detach(),
+            "codebook_usage": self.tokenizer.quantizer.usage_share(),
+            "perplexity": quantized.perplexity.detach(),
         }
         gan = self.losses.gan
         if self.discriminator is not None and step >= gan.start_step:
@@ -101,8 +101,8 @@ class PecoTokenizer(Method):
             d_weight = self._adaptive_weight(rec_loss, g_surrogate)
             d_loss = hinge_d_loss(self.discriminator(images), self.discriminator(recon.detach()))
             loss = loss + d_weight * (g_surrogate - g_surrogate.detach() + g_loss) + d_loss  # value: g_loss
-            metrics.update(loss_g=g_loss.item(), loss_d=d_loss.item(), gan_weight=d_weight.item())
-        self.last_metrics = {"loss": loss.item(), **metrics}
+            metrics.update(loss_g=g_loss.detach(), loss_d=d_loss.detach(), gan_weight=d_weight.detach())
+        self.last_metrics = {"loss": loss.detach(), **metrics}
         return StepOutput(loss, metrics)
 
     def extract_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -184,5 +184,5 @@ class PecoTokenizer(Method):
             "codebook_size": quantizer.cfg.num_codes,
             "codebook_usage": round(quantizer.usage(), 4),
             "codebook_perplexity": round(self._window_perplexity(), 1),
-            **{f"final_{k}": round(v, 4) for k, v in self.last_metrics.items() if k.startswith("loss")},
+            **{f"final_{k}": round(float(v), 4) for k, v in self.last_metrics.items() if k.startswith("loss")},
         }

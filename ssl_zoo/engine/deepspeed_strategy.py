@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine import memory_model
 from ssl_zoo.engine.params import replicate_frozen_parameters
-from ssl_zoo.engine.strategy import (StepResult, build_optimizer, lr_factor, resolve_precision,
+from ssl_zoo.engine.strategy import (StepResult, build_optimizer, detached_mean, lr_factor, resolve_precision,
                                      set_activation_checkpointing)
 from ssl_zoo.method import Method
 from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
@@ -118,21 +118,21 @@ class DeepSpeedStrategy:
         self.stage3 = self.trainer.zero_stage == 3
 
     def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
+        """DeepSpeed's engine skips a step whose gradient norm is not finite (its overflow check, which reads
+        the norm on the host: DeepSpeed's own synchronisation) and then holds the schedule back one step."""
         self.engine.train()
-        totals: dict[str, float] = {"lr": float(self.scheduler.get_last_lr()[0])}
+        lr, outputs = float(self.scheduler.get_last_lr()[0]), []
         for batch in micro_batches:
             out = self.engine(batch, step)
-            if not torch.isfinite(out.loss):
-                raise FloatingPointError(f"loss is {out.loss.item()} at step {step}: lower trainer.lr, "
-                                         "check the data, or use trainer.precision=fp32")
             self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
             self.engine.step()  # a no-op except at the accumulation boundary
-            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
+            outputs.append({"loss": out.loss, **out.metrics})
+        totals = {**detached_mean(outputs), "lr": lr}
         norm = self.engine.get_global_grad_norm()
         if norm is not None and self.trainer.grad_clip > 0:
             totals["grad_norm"] = float(norm)
-        return StepResult(loss=totals.pop("loss"), metrics=totals)
+        skipped = torch.tensor(not self.engine.was_step_applied(), device=self.device)
+        return StepResult(loss=totals.pop("loss"), metrics=totals, skipped=skipped)
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, save_latest=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
@@ -46,15 +47,26 @@ def shutdown() -> None:
         torch_dist.destroy_process_group()
 
 
-def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """The mean of each scalar over all ranks (every rank must call this with the same keys)."""
-    if not is_initialized() or not values:
-        return values
+def mean_over_ranks(values: dict[str, Any], device: torch.device) -> dict[str, float]:
+    """The mean of each scalar (number or tensor) over all ranks, as floats: one host synchronisation in all
+    (every rank must call this with the same keys)."""
+    if not values:
+        return {}
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    torch_dist.all_reduce(packed)
-    packed /= world_size()
+    packed = torch.stack([torch.as_tensor(values[k], device=device).detach().to(torch.float64).reshape(())
+                          for k in keys])
+    if is_initialized():
+        torch_dist.all_reduce(packed)
+        packed /= world_size()
     return dict(zip(keys, packed.tolist()))
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks (a new tensor; no host synchronisation)."""
+    value = value.clone()
+    if is_initialized():
+        torch_dist.all_reduce(value)
+    return value
 
 
 def free_port() -> int:

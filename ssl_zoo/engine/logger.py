@@ -44,10 +44,11 @@ class MetricsLogger:
         self.path.write_text("".join(line + "\n" for line in lines))
         self.last = json.loads(lines[-1]) if lines else {}
 
-    def progress(self, step: int, loss: float, images_per_s: float) -> None:
+    def progress(self, step: int) -> None:
+        """Advance the bar; it shows the figures of the last log step (reading them every step would
+        synchronise the device)."""
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}", refresh=False)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -59,7 +60,10 @@ class MetricsLogger:
             f.write(json.dumps(record) + "\n")
         for key, value in values.items():
             self._tb.add_scalar(f"train/{key}", value, step)
-        if self._bar is None:
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}",
+                                  img_s=f"{record.get('images_per_s', 0.0):.1f}", refresh=False)
+        else:
             shown = " ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step")
             print(f"step {step}: {shown}", flush=True)
 

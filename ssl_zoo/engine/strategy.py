@@ -3,7 +3,9 @@
 The loop in `ssl_zoo/train.py` knows only this interface, so a strategy that shards the optimiser (DeepSpeed
 ZeRO) plugs in beside the plain one by registering in `STRATEGIES`:
 
-- `step(micro_batches, step) -> StepResult`: forward, backward, clip, optimiser and schedule for one step;
+- `step(micro_batches, step) -> StepResult`: forward, backward, clip, optimiser and schedule for one step,
+  with no host synchronisation: the loss and metrics stay tensors on the device (the loop reads them at log
+  steps), and a step whose loss or gradients are not finite is skipped on the device (`StepResult.skipped`);
 - `save(dir)` / `load(dir)`: every rank calls them on the checkpoint directory being written / read;
 - `full_state_dict()`: the method's full weights (on rank 0 at least), for export;
 - `method`: the unwrapped method, for pictures and summaries.
@@ -27,19 +29,57 @@ from ssl_zoo.registry import STRATEGIES
 
 @dataclasses.dataclass
 class StepResult:
-    loss: float
-    metrics: dict[str, float]
+    """One optimiser step's outcome, as tensors on the device (reading one is a host synchronisation)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor | float]
+    skipped: torch.Tensor  # bool: the loss or a gradient was not finite, so no parameter changed
+
+
+#: CPU flags of the instructions that make bf16 matmuls fast (Intel AMX tiles, AVX512-BF16 dot products)
+FAST_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (Linux /proc/cpuinfo; torch's own checks elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    found = {"amx_bf16": torch.cpu._is_amx_tile_supported(), "avx512_bf16": torch.cpu._is_avx512_bf16_supported()}
+    return {flag for flag, present in found.items() if present}
+
+
+def auto_precision(device_type: str, flags: set[str], cuda_bf16: bool) -> tuple[str, str]:
+    """(precision, why) for `trainer.precision=auto`: bf16 where its matmuls are fast, fp32 elsewhere."""
+    if device_type == "cuda":
+        return ("bf16", "this GPU supports bf16") if cuda_bf16 else ("fp32", "this GPU lacks bf16")
+    fast = [flag for flag in FAST_BF16_CPU_FLAGS if flag in flags]
+    if fast:
+        return "bf16", f"this CPU has {' and '.join(fast)}"
+    return "fp32", f"this CPU has neither {' nor '.join(FAST_BF16_CPU_FLAGS)}, so bf16 would be emulated"
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """`auto` is bf16 on GPUs that have it and fp32 on CPUs, where bf16 autocast is usually slower."""
+    """The autocast dtype of `trainer.precision`; `auto` as `auto_precision` decides for this device."""
     if precision == "auto":
-        fast_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if fast_bf16 else torch.float32
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision, _ = auto_precision(device.type, cpu_flags() if device.type == "cpu" else set(), cuda_bf16)
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in table:
         raise ValueError(f"trainer.precision '{precision}' is not one of auto, fp32, bf16, fp16")
     return table[precision]
+
+
+def describe_precision(precision: str, device: torch.device) -> str:
+    """The line the run's log states its precision with (and why, for `auto`)."""
+    if precision != "auto":
+        return f"precision: {precision} (trainer.precision)"
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    chosen, why = auto_precision(device.type, cpu_flags() if device.type == "cpu" else set(), cuda_bf16)
+    return f"precision: {chosen} (trainer.precision=auto: {why})"
 
 
 def lr_factor(step: int, trainer: DictConfig) -> float:
@@ -51,15 +91,37 @@ def lr_factor(step: int, trainer: DictConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(method: Method, trainer: DictConfig) -> torch.optim.Optimizer:
-    """AdamW over the method's parameter groups; a group may set its own betas, weight decay, `lr_scale`."""
+def build_optimizer(method: Method, trainer: DictConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over the method's parameter groups; a group may set its own betas, weight decay, `lr_scale`.
+
+    `fused`: torch's fused AdamW (one kernel over all tensors; on CPU too): faster than the per-tensor loop it
+    defaults to on CPU, and it takes a device-side `found_inf` flag, which is how a bad step is skipped
+    without a host synchronisation."""
     groups = []
     for group in method.param_groups(trainer.weight_decay):
         if not group["params"]:
             continue
         scale = group.pop("lr_scale", 1.0)
         groups.append({"betas": tuple(trainer.betas), **group, "lr": trainer.lr * scale})
-    return torch.optim.AdamW(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay)
+    return torch.optim.AdamW(groups, lr=trainer.lr, eps=trainer.eps, weight_decay=trainer.weight_decay,
+                             fused=fused)
+
+
+def grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """The gradients' total L2 norm, clipped to `max_norm` when it is positive; a tensor (no host sync)."""
+    if max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def detached_mean(values: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Per-key mean over micro-batches of tensors or numbers, detached, without reading any of them."""
+    totals: dict[str, torch.Tensor] = {}
+    for item in values:
+        for key, value in item.items():
+            value = value.detach().float() if torch.is_tensor(value) else torch.tensor(float(value))
+            totals[key] = totals[key] + value if key in totals else value
+    return {key: value / len(values) for key, value in totals.items()}
 
 
 def set_activation_checkpointing(module: torch.nn.Module, enabled: bool) -> int:
@@ -91,6 +153,7 @@ class TorchStrategy:
                 find_unused_parameters=self.trainer.find_unused_parameters)
         self.model = torch.compile(model) if self.trainer.compile else model
         self.optimizer = build_optimizer(self.method, self.trainer)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, self.trainer))
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
 
@@ -99,29 +162,36 @@ class TorchStrategy:
 
     def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
         self.method.train()
-        totals: dict[str, float] = {}
+        outputs = []
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self._autocast():
                     out: StepOutput = self.model(batch, step)
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"loss is {out.loss.item()} at step {step}: lower trainer.lr, "
-                                             "check the data, or use trainer.precision=fp32")
                 self.scaler.scale(out.loss / len(micro_batches)).backward()
-            for key, value in {"loss": out.loss.item(), **out.metrics}.items():
-                totals[key] = totals.get(key, 0.0) + float(value) / len(micro_batches)
+            outputs.append({"loss": out.loss, **out.metrics})
+        totals = detached_mean(outputs)
         self.scaler.unscale_(self.optimizer)
+        norm = grad_norm(self.params, self.trainer.grad_clip)
+        skipped = ~(torch.isfinite(norm) & torch.isfinite(totals["loss"]))
+        if dist.world_size() > 1:  # the losses differ by rank: every rank must skip the same steps
+            skipped = skipped.to(torch.int32)
+            torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
+            skipped = skipped.bool()
         if self.trainer.grad_clip > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.trainer.grad_clip))
+            totals["grad_norm"] = norm.detach()
         totals["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:  # fused AdamW leaves every tensor (and its step count) as it was where found_inf is 1
+            self.optimizer.found_inf = skipped.float()
+            self.optimizer.step()
+            del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss=totals.pop("loss"), metrics=totals)
+        return StepResult(loss=totals.pop("loss"), metrics=totals, skipped=skipped)
 
     def save(self, directory: Path) -> None:
         if dist.rank() == 0:

@@ -31,6 +31,8 @@ class ToyConfig:
     name: str = "toy_autoencoder"
     step_delay_s: float = 0.0  # slows steps so a test can kill the run between two checkpoints
     save_delay_s: float = 0.0  # slows state_dict (called while a checkpoint is written) so a test can kill it then
+    nan_from_step: int = -1  # fault injection: the loss is NaN from this step on (-1: never) ...
+    nan_steps: int = 0  # ... for this many steps
 
 
 @METHODS.register("toy_autoencoder", schema=ToyConfig)
@@ -41,6 +43,7 @@ class ToyAutoencoder(Method):
         self.decoder = nn.Linear(cfg.model.hidden, POOLED_DIM)
         self.step_delay_s = cfg.method.step_delay_s
         self.save_delay_s = cfg.method.save_delay_s
+        self.nan_steps = range(cfg.method.nan_from_step, cfg.method.nan_from_step + cfg.method.nan_steps)
 
     def state_dict(self, *args, **kwargs):
         time.sleep(self.save_delay_s)
@@ -53,7 +56,9 @@ class ToyAutoencoder(Method):
         time.sleep(self.step_delay_s)
         target = self._pooled(batch["image"])
         loss = F.mse_loss(self.decoder(self.encoder(target)), target)
-        return StepOutput(loss, {"target_std": float(target.std())})
+        if step in self.nan_steps:
+            loss = loss * float("nan")
+        return StepOutput(loss, {"target_std": target.std().detach()})
 
     def extract_features(self, images):
         return self.encoder(self._pooled(images))
