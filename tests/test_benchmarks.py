@@ -101,3 +101,37 @@ def test_median_interval_covers_the_true_median_about_95_percent_of_the_time() -
         covered += low <= 1.0 <= high
     # Exact coverage for n = 20 is 95.9%; the band is 3.5 standard errors wide and excludes the full range.
     assert 0.94 <= covered / trials <= 0.975, covered / trials
+
+
+def test_vs_timm_tiny_run_times_both_sides_on_the_same_work(tmp_path: Path) -> None:
+    """Our step and timm's plain BEiT step alternate at a tiny size; the plain side computes the same loss."""
+    from benchmarks import vs_timm
+
+    md = tmp_path / "RESULTS.md"
+    report = vs_timm.main(["model.embed_dim=32", "model.depth=1", "model.num_heads=2", "model.img_size=32",
+                           "method.mask.num_masked=2", "method.mask.min_block=1", "--batch", "2", "--rounds", "2",
+                           "--precisions", "fp32", "--matmul-size", "64", "--out", str(tmp_path / "r.json"),
+                           "--results-md", str(md)])
+    (result,) = report["results"]
+    assert result["order"] == ["ours", "timm", "timm", "ours"]
+    assert set(result["variants"]) == {"ours", "timm"} and result["flops_per_step"] > 0
+    assert all(v["images_per_s"] > 0 and v["share_of_matmul"] > 0 for v in result["variants"].values())
+    assert len(result["speedups"]["ours_vs_timm"]["rounds"]) == 2
+    assert "python -m benchmarks.vs_timm model.embed_dim=32" in md.read_text()
+
+
+def test_plain_timm_mim_loss_is_cross_entropy_on_the_masked_tokens() -> None:
+    from benchmarks.vs_timm import PlainMim
+
+    model = OmegaConf.structured(BeitConfig(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2))
+    plain = PlainMim(model, vocab_size=10).eval()
+    images, targets = torch.randn(2, 3, 32, 32), torch.randint(0, 10, (2, 4))
+    mask = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    x = plain.beit.patch_embed(images)
+    x = torch.where(mask.unsqueeze(-1), plain.mask_token.expand_as(x), x)
+    x = torch.cat([plain.beit.cls_token.expand(2, -1, -1), x], dim=1)
+    for block in plain.beit.blocks:
+        x = block(x)
+    logits = plain.head(plain.beit.norm(x)[:, 1:])
+    expected = torch.nn.functional.cross_entropy(logits[mask], targets[mask])
+    assert torch.allclose(plain(images, mask, targets), expected, atol=1e-6)

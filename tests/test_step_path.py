@@ -169,7 +169,8 @@ def test_deepspeed_skips_and_counts_bad_steps(cli, tmp_path) -> None:
 
 def test_skipped_images_are_summed_over_ranks_and_survive_a_resume(cli, tmp_path) -> None:
     """22 files, 2 of them unreadable (not neighbours in sorted order), 2 ranks x 11 images: every step is
-    one epoch, reading each file once, so exactly 2 are skipped per step, over all ranks."""
+    one epoch, reading each file once, so exactly 2 are skipped per step, over all ranks. (With seed 0 the
+    ranks share them 1:3 over the first 4 steps, so rank 0's count alone would read 1, 4.)"""
     images = tmp_path / "images"
     images.mkdir()
     for i in range(20):
