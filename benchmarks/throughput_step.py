@@ -282,7 +282,7 @@ def run_case(case: dict[str, Any], folder: Path) -> list[dict[str, Any]]:
         if step == 0 and cfg.trainer.compile:
             compile_s = end - start  # the first compiled step traces and compiles
         run["peak"] = max(run["peak"], probe.peak(), clock.peak_seen if clock else 0.0)
-        run["loss"] = result.loss
+        run["loss"] = float(result.loss)
         if not timed:
             continue
         run["times"].append(end - start)

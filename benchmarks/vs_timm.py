@@ -146,6 +146,28 @@ def run_precision(args: argparse.Namespace, precision: str, folder: Path) -> dic
             "speedups": speedups, "order": [n for n, timed in order if timed]}
 
 
+def optimizer_rounds(model: Any, rounds: int) -> dict[str, Any]:
+    """AdamW's step alone on the parameters of timm's model: the per-tensor loop (torch's CPU default),
+    foreach and fused, alternating (order flipped each round); median time ratios against the loop."""
+    torch.manual_seed(0)
+    params = {kind: [nn.Parameter(p.detach().clone()) for p in PlainMim(model, 8192).parameters()]
+              for kind in ("loop", "foreach", "fused")}
+    optimizers = {kind: torch.optim.AdamW(ps, foreach=kind == "foreach", fused=kind == "fused" or None)
+                  for kind, ps in params.items()}
+    for ps in params.values():
+        for p in ps:
+            p.grad = torch.randn_like(p)
+    times: dict[str, list[float]] = {kind: [] for kind in optimizers}
+    for kind, timed in schedule(list(optimizers), 1, rounds):
+        start = time.perf_counter()
+        optimizers[kind].step()
+        if timed:
+            times[kind].append(time.perf_counter() - start)
+    return {kind: {"step_s": statistics.median(ts),
+                   "speedup_vs_loop": statistics.median(a / b for a, b in zip(times["loop"], ts))}
+            for kind, ts in times.items()}
+
+
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [f"## Ours vs timm's BEiT, MIM step: {report['date'][:16].replace('T', ' ')}, {m['cpu']}, {m['cores']} cores",
@@ -168,6 +190,11 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", f"FLOPs per step {report['results'][0]['flops_per_step'] / 1e9:.0f} G (fvcore with attention, "
               f"3 x backbone forward + head). Matmul rates measured in this run ({report['matmul_size']}^3, best of 20): "
               f"{rates}.", ""]
+    if report.get("optimizer"):
+        shown = "; ".join(f"{k} {v['step_s']:.3g} s ({v['speedup_vs_loop']:.2f}x the loop)"
+                          for k, v in report["optimizer"].items())
+        lines += [f"AdamW step alone on these parameters (fp32, alternating, median of {report['rounds']} rounds): "
+                  f"{shown}.", ""]
     return "\n".join(lines)
 
 
@@ -181,6 +208,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also both sides under torch.compile (minutes to compile)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=6, help="timed rounds, one step per variant each (default: %(default)s)")
+    p.add_argument("--no-optimizer", action="store_true", help="skip the AdamW loop / foreach / fused rounds")
     p.add_argument("--matmul-size", type=int, default=2048, help="square matmul for the rate (default: %(default)s)")
     p.add_argument("--out", type=Path, help="JSON report (default: benchmarks/results/vs_timm-<date>.json)")
     p.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
@@ -196,7 +224,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "date": now.isoformat(timespec="seconds"), "machine": machine(), "batch": args.batch,
                               "rounds": args.rounds, "warmup": args.warmup, "matmul_size": args.matmul_size}
     with tempfile.TemporaryDirectory(prefix="ssl_zoo_vs_timm_") as folder, contextlib.redirect_stdout(sys.stderr):
-        report["results"] = [run_precision(args, p, Path(folder)) for p in args.precisions.split(",")]
+        report["results"] = []
+        for precision in args.precisions.split(","):
+            report["results"].append(run_precision(args, precision, Path(folder)))
+            print(json.dumps(report["results"][-1]), file=sys.stderr, flush=True)  # kept if a later part fails
+        if not args.no_optimizer:
+            from ssl_zoo.config import load_config
+
+            report["optimizer"] = optimizer_rounds(load_config([*BASE, *args.overrides]).model, args.rounds)
     report["wall_s"] = time.perf_counter() - started
     out = args.out or ROOT / "results" / f"vs_timm-{now:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,8 @@ def test_vs_timm_tiny_run_times_both_sides_on_the_same_work(tmp_path: Path) -> N
     assert set(result["variants"]) == {"ours", "timm"} and result["flops_per_step"] > 0
     assert all(v["images_per_s"] > 0 and v["share_of_matmul"] > 0 for v in result["variants"].values())
     assert len(result["speedups"]["ours_vs_timm"]["rounds"]) == 2
+    assert set(report["optimizer"]) == {"loop", "foreach", "fused"}
+    assert all(v["step_s"] > 0 for v in report["optimizer"].values())
     assert "python -m benchmarks.vs_timm model.embed_dim=32" in md.read_text()
 
 

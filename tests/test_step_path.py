@@ -198,3 +198,28 @@ def test_skipped_images_are_summed_over_ranks_and_survive_a_resume(cli, tmp_path
 def test_auto_precision_picks_bf16_where_it_is_fast(device, flags, cuda_bf16, expected) -> None:
     chosen, why = auto_precision(device, flags, cuda_bf16)
     assert chosen == expected and why
+
+
+def test_mim_head_gathers_the_masked_rows_as_boolean_indexing_would() -> None:
+    """The head's sort-based gather (fixed count per mask, no host read) gives the loss, accuracy and
+    gradients of the boolean-mask path of the kernel."""
+    import ssl_zoo_kernels
+    from ssl_zoo_peco.mim_method import MimHead
+
+    torch.manual_seed(0)
+    head = MimHead(16, 32, "torch", num_masked=3)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    for row in mask:
+        row[torch.randperm(10)[:3]] = True
+    targets = torch.randint(0, 32, (4, 10))
+    hidden = torch.randn(4, 11, 16, requires_grad=True)
+    loss, accuracy = head(hidden[:, 1:], targets, mask, 0.1)
+    loss.backward()
+    ours = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    ref_loss, ref_accuracy = ssl_zoo_kernels.masked_linear_cross_entropy(
+        hidden[:, 1:], head.weight, head.bias, targets, mask=mask, label_smoothing=0.1, impl="torch",
+        return_accuracy=True)
+    ref_loss.backward()
+    assert torch.allclose(loss, ref_loss) and torch.equal(accuracy, ref_accuracy)
+    assert torch.allclose(ours[0], hidden.grad, atol=1e-6) and torch.allclose(ours[1], head.weight.grad, atol=1e-6)
