@@ -215,6 +215,8 @@ def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logg
     if final is None or final.name != f"step-{trainer.max_steps:08d}":
         final = checkpoints.save(trainer.max_steps, strategy.save,
                                  _trainer_state(trainer.max_steps, trainer, counts.read()))
+    # read before full_state_dict: under ZeRO-3 rank 0 then continues on a plain copy without the run's last metrics
+    trained_summary = strategy.method.summary() if dist.rank() == 0 else {}
     weights = strategy.full_state_dict()
     if dist.rank() != 0:
         return {}
@@ -237,6 +239,7 @@ def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logg
         "export": str(out / "export"),
         "pictures": [str(p) for p in pictures],
         **{k: round(v, 4) for k, v in heldout.items()},
+        **trained_summary,
         **method.summary(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
