@@ -24,7 +24,7 @@ from ssl_zoo.config import ConfigError, TrainerConfig
 from ssl_zoo.errors import UserError
 from ssl_zoo.registry import DATASETS, LAUNCHERS, PluginImportError, RegistryError, load_plugins
 
-USER_ERRORS = (UserError, ConfigError, RegistryError, PluginImportError, FileNotFoundError, ValueError)
+USER_ERRORS = (UserError, ConfigError, RegistryError, PluginImportError, FileNotFoundError)
 GROUPS = ("protocol", "data", "trainer", "launcher", "eval_experiment")
 
 

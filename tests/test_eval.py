@@ -96,6 +96,24 @@ def test_finetune_head_starts_small_and_the_loss_takes_soft_targets():
     assert method.model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)  # drop path rising to 0.1
 
 
+def test_finetune_augmentation_survives_randaugment_at_full_magnitude():
+    """At magnitude 10 (m9 + mstd0.5 gets there) increasing posterize keeps 0 bits, which Pillow 13 rejects."""
+    from PIL import Image
+
+    from ssl_zoo.evaluation.finetune import FinetuneConfig
+
+    model = OmegaConf.structured(TimmModelConfig(architecture="beit_base_patch16_224", input_size=[3, 32, 32]))
+    cfg = OmegaConf.create({"model": model, "method": OmegaConf.structured(FinetuneConfig())})
+    transform = Finetune.make_transform(cfg)
+    rand_augment = next(step for step in transform.transform.transforms if hasattr(step, "ops"))
+    rand_augment.ops = [op for op in rand_augment.ops if op.name.startswith("Posterize")]
+    for op in rand_augment.ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+    image = Image.new("RGB", (40, 40), (200, 120, 40))
+    out = transform(image, torch.Generator().manual_seed(0))["image"]
+    assert out.shape == (3, 32, 32) and torch.isfinite(out).all()
+
+
 def run_eval(capsys, *args: str) -> tuple[int, str, str]:
     code = eval_main(list(args))
     captured = capsys.readouterr()

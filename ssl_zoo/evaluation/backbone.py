@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
+from ssl_zoo.errors import UserError
 from ssl_zoo.method import TimmSpec
 
 RANDOM = "random"
@@ -61,7 +62,7 @@ def load_backbone_weights(model: torch.nn.Module, state: dict[str, torch.Tensor]
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("head.")]
     if missing or unexpected:
-        raise ValueError(f"weights '{where}' do not fit the architecture: missing keys {missing[:5]}"
+        raise UserError(f"weights '{where}' do not fit the architecture: missing keys {missing[:5]}"
                          f"{' ...' if len(missing) > 5 else ''}, unexpected keys {unexpected[:5]}"
                          f"{' ...' if len(unexpected) > 5 else ''}; give the run they were trained in")
 
@@ -73,7 +74,7 @@ def spec_of_run(stage_dir: Path) -> TimmSpec:
     cfg = from_container(OmegaConf.to_container(OmegaConf.load(stage_dir / "config.yaml"), resolve=True))
     spec = METHODS.get(cfg.method.name).timm_spec(cfg)
     if spec is None:
-        raise ValueError(f"run '{stage_dir}' is a '{cfg.method.name}' run, whose backbone has no timm form "
+        raise UserError(f"run '{stage_dir}' is a '{cfg.method.name}' run, whose backbone has no timm form "
                          "(its method defines no timm_spec); give the stage that trains the backbone")
     return spec
 
@@ -111,7 +112,7 @@ def resolve(checkpoint: str, architecture: Optional[str] = None, with_weights: b
     `with_weights=False` reads only the architecture (a run that has not finished will do)."""
     if checkpoint == RANDOM:
         if not architecture:
-            raise ValueError("checkpoint=random needs architecture=RUN_DIR: the run (or export) whose "
+            raise UserError("checkpoint=random needs architecture=RUN_DIR: the run (or export) whose "
                              "architecture to build at random initialisation")
         return resolve(architecture, with_weights=False)
     path = Path(checkpoint).expanduser()
@@ -120,7 +121,7 @@ def resolve(checkpoint: str, architecture: Optional[str] = None, with_weights: b
                                 "of it, an export folder, or checkpoint=random")
     if path.is_file():
         if path.suffix != ".safetensors" or not (path.parent.parent / "config.yaml").is_file():
-            raise ValueError(f"checkpoint '{checkpoint}' is a file but not a run's export/backbone.safetensors; "
+            raise UserError(f"checkpoint '{checkpoint}' is a file but not a run's export/backbone.safetensors; "
                              "give the run directory instead")
         backbone = Backbone(spec_of_run(path.parent.parent), path, str(path.parent.parent))
     elif (path / "config.json").is_file():

@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from tqdm import tqdm
 
+from ssl_zoo.errors import UserError
+
 Features = dict[str, torch.Tensor]
 Extractor = Callable[[torch.Tensor], Union[torch.Tensor, Features]]
 KINDS = ("pooled", "tokens")
@@ -28,11 +30,11 @@ class TimmFeatures:
         blocks = getattr(model, "blocks", None)
         if blocks is None:  # not a ViT: its pooled feature serves both protocols
             if block is not None:
-                raise ValueError(f"protocol.block={block}: this model has no transformer blocks to choose from")
+                raise UserError(f"protocol.block={block}: this model has no transformer blocks to choose from")
             return
         depth = len(blocks)
         if block is not None and not 1 <= block <= depth:
-            raise ValueError(f"protocol.block={block} must lie in 1..{depth} (the model's blocks)")
+            raise UserError(f"protocol.block={block} must lie in 1..{depth} (the model's blocks)")
         self.prefix = getattr(model, "num_prefix_tokens", 1)
         blocks[(block or depth) - 1].register_forward_hook(self._keep)
 

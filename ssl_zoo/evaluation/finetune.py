@@ -18,6 +18,7 @@ import torch
 from omegaconf import MISSING, DictConfig
 from PIL import Image
 
+from ssl_zoo.errors import UserError
 from ssl_zoo.evaluation.backbone import Backbone
 from ssl_zoo.evaluation.protocols import PROTOCOLS
 from ssl_zoo.method import Method, StepOutput, TimmSpec
@@ -67,6 +68,18 @@ def build_timm(section: Any, num_classes: int = 0, **model_kwargs: Any) -> torch
     return backbone_of(section).build(num_classes, **model_kwargs)
 
 
+def posterize_to_zero_bits(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """RandAugment's increasing posterize keeps 0 bits at magnitude 10 (reached through `mstd`): a black image,
+    as Pillow < 13 made it; Pillow 13 rejects 0 bits, which crashed a fine-tune at a random step."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return img.point(lambda _: 0)
+    from PIL import ImageOps
+
+    return ImageOps.posterize(img, bits_to_keep)
+
+
 class SeededTransform:
     """A timm transform (which draws from the global `random`, numpy and torch generators) made reproducible
     per sample: those generators are seeded from the sample's generator and restored afterwards."""
@@ -100,7 +113,7 @@ class Finetune(Method):
 
         section = cfg.method
         if section.num_classes < 2:
-            raise ValueError(f"method.num_classes={section.num_classes}: fine-tuning needs two or more classes")
+            raise UserError(f"method.num_classes={section.num_classes}: fine-tuning needs two or more classes")
         self.num_classes, self.smoothing = section.num_classes, section.label_smoothing
         self.layer_decay = section.layer_decay
         self.model = build_timm(cfg.model, section.num_classes, drop_path_rate=section.drop_path_rate)
@@ -118,10 +131,15 @@ class Finetune(Method):
         from timm.data import create_transform
 
         section = cfg.method
-        return SeededTransform(create_transform(
+        transform = create_transform(
             input_size=tuple(cfg.model.input_size), is_training=True, scale=tuple(section.scale),
             auto_augment=section.auto_augment, interpolation="bicubic", re_prob=section.re_prob,
-            re_mode="pixel", re_count=1, mean=tuple(cfg.model.mean), std=tuple(cfg.model.std)))
+            re_mode="pixel", re_count=1, mean=tuple(cfg.model.mean), std=tuple(cfg.model.std))
+        for step in getattr(transform, "transforms", []):
+            for op in getattr(step, "ops", []):
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = posterize_to_zero_bits
+        return SeededTransform(transform)
 
     @classmethod
     def timm_spec(cls, cfg: DictConfig) -> TimmSpec:

@@ -9,6 +9,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ssl_zoo.data.labelled import LABELLED_SPLITS, LabelledSplit
+from ssl_zoo.errors import UserError
 from ssl_zoo.evaluation.backbone import Backbone
 from ssl_zoo.evaluation.features import Extractor, TimmFeatures, compute_features
 from ssl_zoo.evaluation.protocols import FEATURE_KIND, PROTOCOLS
@@ -17,15 +18,15 @@ from ssl_zoo.evaluation.protocols import FEATURE_KIND, PROTOCOLS
 def labelled_splits(data: Any, seed: int, image_size: Optional[int]) -> tuple[LabelledSplit, LabelledSplit]:
     """The train and test splits of a `data` section, checked: at least two classes, test labels known."""
     if data.name not in LABELLED_SPLITS:
-        raise ValueError(f"data '{data.name}' has no labels to evaluate on; choose one of "
+        raise UserError(f"data '{data.name}' has no labels to evaluate on; choose one of "
                          f"{', '.join(LABELLED_SPLITS.names())} (data=NAME)")
     build = LABELLED_SPLITS.get(data.name)
     train, test = build(data, "train", seed, image_size), build(data, "test", seed, image_size)
     classes = int(train.labels.unique().numel())
     if classes < 2:
-        raise ValueError(f"data '{data.name}' has {classes} class in its training split: evaluation needs two or more")
+        raise UserError(f"data '{data.name}' has {classes} class in its training split: evaluation needs two or more")
     if int(test.labels.max()) >= train.num_classes:
-        raise ValueError(f"data '{data.name}': test labels reach {int(test.labels.max())} but the training split "
+        raise UserError(f"data '{data.name}': test labels reach {int(test.labels.max())} but the training split "
                          f"has {train.num_classes} classes; both splits need the same classes")
     return train, test
 
@@ -101,7 +102,7 @@ class KnnMonitor:
 
     def __init__(self, cfg: Any, method_cls: Any) -> None:
         if cfg.trainer.strategy == "deepspeed" and cfg.trainer.zero_stage == 3:
-            raise ValueError("trainer.eval_every needs the whole model on rank 0, which ZeRO-3 does not hold "
+            raise UserError("trainer.eval_every needs the whole model on rank 0, which ZeRO-3 does not hold "
                              "during training: set trainer.eval_every=0, or use trainer.zero_stage=2")
         from ssl_zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from ssl_zoo.evaluation.protocols import KnnConfig

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ssl_zoo import config as config_lib
 from ssl_zoo.data.labelled import LabelledSplit
+from ssl_zoo.errors import UserError
 from ssl_zoo.evaluation.backbone import Backbone
 from ssl_zoo.evaluation.features import compute_features
 from ssl_zoo.evaluation.protocols import top_k_accuracies
@@ -23,7 +24,7 @@ def training_config(cfg: DictConfig, backbone: Backbone, num_classes: int, run_d
     spec = backbone.spec
     protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
     if protocol["num_classes"] and protocol["num_classes"] != num_classes:
-        raise ValueError(f"protocol.num_classes={protocol['num_classes']} does not match data '{cfg.data.name}', "
+        raise UserError(f"protocol.num_classes={protocol['num_classes']} does not match data '{cfg.data.name}', "
                          f"which has {num_classes} classes; leave it 0 to take the dataset's")
     data = OmegaConf.to_container(cfg.data, resolve=True)
     data["image_size"] = data.get("image_size") or spec.input_size[-1]
@@ -45,7 +46,7 @@ def _refuse_other_weights(run_dir: Path, train_cfg: DictConfig) -> None:
     if previous.is_file():
         before = OmegaConf.load(previous).model.get("weights")
         if before != train_cfg.model.weights:
-            raise ValueError(f"'{run_dir}' holds a fine-tune of other weights ({before or 'random init'}); "
+            raise UserError(f"'{run_dir}' holds a fine-tune of other weights ({before or 'random init'}); "
                              "set output_dir=... to fine-tune these into a new run directory")
 
 
