@@ -28,6 +28,7 @@ from ssl_zoo.config import load_config
 from ssl_zoo.data.labelled import CropIdConfig
 from ssl_zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD, DefaultTransform
 from ssl_zoo.engine.logger import TIMING_KEYS
+from ssl_zoo.errors import UserError
 from ssl_zoo.eval import main as eval_main
 from ssl_zoo.evaluation.features import compute_features
 from ssl_zoo.evaluation.frozen import labelled_splits
@@ -66,17 +67,6 @@ TINY: dict[str, list[str]] = {
                  "method.num_classes=9", "data=crop_id", "data.image_size=32",
                  *(f"data.{k}={v}" for k, v in SMALL_CROP_ID.items())],
 }
-
-
-#: contract checks a registered method is known to fail, with the fix it needs: strict xfails, so that the
-#: fix turns them into failures that ask for the entry's removal
-KNOWN_GAPS = {("finetune", "timm_form"): "export_timm refuses a fine-tuned run: backbone_state_dict() holds the "
-                                         "classifier head, which its timm_spec (num_classes 0) has no place for"}
-
-
-def known_gap(request: pytest.FixtureRequest, name: str, check: str) -> None:
-    if (name, check) in KNOWN_GAPS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[(name, check)]))
 
 
 def reproducible(rows: list[dict]) -> list[dict]:
@@ -178,15 +168,14 @@ def test_knn_scores_its_features_on_crop_id(run: ContractRun) -> None:
 
 
 def test_timm_form_loads_from_local_dir_with_the_same_features_and_evaluates(
-        run: ContractRun, tmp_path: Path, capsys: pytest.CaptureFixture, request: pytest.FixtureRequest) -> None:
+        run: ContractRun, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """With a `timm_spec`: the timm folder loads through `local-dir:` and gives `extract_features`'s values, and
     `python -m ssl_zoo.eval protocol=knn` scores the run beside random init. Without one, both say so in one line."""
-    known_gap(request, run.name, "timm_form")
     spec = METHODS.get(run.name).timm_spec(run.cfg)
     eval_args = [f"checkpoint={run.straight}", "protocol=knn", "trainer.device=cpu", "trainer.progress=false",
                  *(f"data.{k}={v}" for k, v in SMALL_CROP_ID.items()), f"output_dir={tmp_path / 'eval'}"]
     if spec is None:
-        with pytest.raises(ValueError, match="has no timm form"):
+        with pytest.raises(UserError, match="has no timm form"):
             export_timm(run.straight, out=tmp_path / "timm")
         assert eval_main(eval_args) == 2 and "has no timm form" in capsys.readouterr().err
         return

@@ -159,7 +159,8 @@ class Finetune(Method):
         return self.model.forward_head(self.model.forward_features(images), pre_logits=True)
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
+        """The fine-tuned backbone without its classifier: the whole model stays in method.safetensors."""
+        return {k: v for k, v in self.model.state_dict().items() if not k.startswith("head.")}
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """timm's layer-wise lr decay (BEiT's): `lr_scale` = decay^(L+1-i) with the stem at layer 0, block k at
