@@ -132,6 +132,10 @@ def test_help_lists_the_eval_groups_and_print_config_resolves(capsys):
     (["checkpoint=random"], "checkpoint=random needs architecture=RUN_DIR"),
     (["checkpoint=random", "protocol=knnn"], "unknown protocol 'knnn'; did you mean 'knn'?"),
     (["checkpoint=random", "protocol.kk=3"], "did you mean 'protocol.k'?"),
+    (["checkpoint=random", "protocol.k=0"], "'protocol.k': 0; allowed: >= 1"),
+    (["checkpoint=random", "protocol=linear", "protocol.holdout=1.5"], "'protocol.holdout': 1.5; allowed: > 0, < 1"),
+    (["checkpoint=random", "protocol=finetune", "protocol.layer_decay=2"], "'protocol.layer_decay': 2.0"),
+    (["checkpoint=random", "data.test_crops_per_photo=0"], "'data.test_crops_per_photo': 0; allowed: >= 1"),
 ])
 def test_bad_arguments_get_one_line_errors(capsys, args, message):
     code, _, err = run_eval(capsys, *args)

@@ -20,6 +20,7 @@ from PIL import Image
 from ssl_zoo.data.crop_id import crop_id_split
 from ssl_zoo.data.datasets import Transform, list_images, sample_generator
 from ssl_zoo.registry import DATASETS, Registry
+from ssl_zoo.schema import checked
 
 LABELLED_SPLITS: Registry[Any] = Registry("labelled dataset")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -96,10 +97,10 @@ def resolve_size(section: Any, default: Optional[int]) -> int:
 @dataclasses.dataclass
 class CropIdConfig:
     name: str = "crop_id"
-    image_size: Optional[int] = None  # None: the evaluated model's input size
-    train_crops_per_photo: int = 200
-    test_crops_per_photo: int = 100
-    num_workers: int = 0
+    image_size: Optional[int] = checked(None, ge=8)  # None: the evaluated model's input size
+    train_crops_per_photo: int = checked(200, ge=1)
+    test_crops_per_photo: int = checked(100, ge=1)
+    num_workers: int = checked(0, ge=0)
 
 
 @LABELLED_SPLITS.register("crop_id")

@@ -23,6 +23,7 @@ from ssl_zoo.evaluation.backbone import Backbone
 from ssl_zoo.evaluation.protocols import PROTOCOLS
 from ssl_zoo.method import Method, StepOutput, TimmSpec
 from ssl_zoo.registry import BACKBONES, METHODS
+from ssl_zoo.schema import Limits, checked
 
 HEAD_INIT_SCALE = 0.001
 
@@ -45,16 +46,16 @@ class FinetuneConfig:
     """The `protocol=finetune` section; it becomes the `method` section of the fine-tuning run."""
 
     name: str = "finetune"
-    num_classes: int = 0  # 0: the dataset's
-    layer_decay: float = 0.65
-    drop_path_rate: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    label_smoothing: float = 0.1
+    num_classes: int = checked(0, ge=0)  # 0: the dataset's
+    layer_decay: float = checked(0.65, gt=0, le=1)
+    drop_path_rate: float = checked(0.1, ge=0, lt=1)
+    mixup: float = checked(0.8, ge=0)
+    cutmix: float = checked(1.0, ge=0)
+    label_smoothing: float = checked(0.1, ge=0, lt=1)
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"
-    re_prob: float = 0.25
-    scale: list[float] = dataclasses.field(default_factory=lambda: [0.08, 1.0])
-    eval_batch_size: int = 128
+    re_prob: float = checked(0.25, ge=0, le=1)
+    scale: list[float] = checked(lambda: [0.08, 1.0], length=2, each=Limits(gt=0, le=1))
+    eval_batch_size: int = checked(128, ge=1)
 
 
 def backbone_of(section: Any) -> Backbone:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_zoo.registry import Registry
+from ssl_zoo.schema import Limits, checked
 
 #: `protocol=` options; a registered schema types the `protocol` section (the fine-tune one lives in finetune.py)
 PROTOCOLS: Registry[Any] = Registry("protocol", group="protocol")
@@ -19,22 +20,22 @@ PROTOCOLS: Registry[Any] = Registry("protocol", group="protocol")
 @dataclasses.dataclass
 class KnnConfig:
     name: str = "knn"
-    k: int = 20
-    temperature: float = 0.07
-    batch_size: int = 128  # images per feature-extraction batch
+    k: int = checked(20, ge=1)
+    temperature: float = checked(0.07, gt=0)
+    batch_size: int = checked(128, ge=1)  # images per feature-extraction batch
     baseline: bool = True  # also score the same architecture at random init, printed beside
 
 
 @dataclasses.dataclass
 class LinearConfig:
     name: str = "linear"
-    block: Optional[int] = None  # 1-based block whose [CLS] + mean patch token is probed; None: the last
-    lrs: list[float] = dataclasses.field(default_factory=lambda: [1e-3, 3e-3, 1e-2, 3e-2])
-    holdout: float = 0.2  # share of the training split the lr is picked on
-    epochs: int = 200
-    head_batch_size: int = 0  # 0: full batch (one step per epoch)
-    weight_decay: float = 1e-4
-    batch_size: int = 128
+    block: Optional[int] = checked(None, ge=1)  # 1-based block whose [CLS] + mean patch token is probed; None: the last
+    lrs: list[float] = checked(lambda: [1e-3, 3e-3, 1e-2, 3e-2], min_length=1, each=Limits(gt=0))
+    holdout: float = checked(0.2, gt=0, lt=1)  # share of the training split the lr is picked on
+    epochs: int = checked(200, ge=1)
+    head_batch_size: int = checked(0, ge=0)  # 0: full batch (one step per epoch)
+    weight_decay: float = checked(1e-4, ge=0)
+    batch_size: int = checked(128, ge=1)
     baseline: bool = True
 
 
