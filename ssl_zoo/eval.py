@@ -20,6 +20,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig
 
 from ssl_zoo import config as config_lib
+from ssl_zoo.cli import exit_with, plugin_overrides, split_flags
 from ssl_zoo.config import ConfigError, TrainerConfig
 from ssl_zoo.errors import UserError
 from ssl_zoo.registry import DATASETS, LAUNCHERS, PluginImportError, RegistryError, load_plugins
@@ -142,17 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if "-h" in argv or "--help" in argv:
-            from ssl_zoo.run import _plugin_overrides
-
-            load_plugins(_plugin_overrides(argv))
+            load_plugins(plugin_overrides(argv))
             print(help_text())
             return 0
-        print_config = "--print-config" in argv
-        overrides = [a for a in argv if a != "--print-config"]
-        unknown_flags = [a for a in overrides if a.startswith("-")]
-        if unknown_flags:
-            print(f"error: unknown flag {unknown_flags[0]}; see --help", file=sys.stderr)
-            return 2
+        overrides, print_config = split_flags(argv)
         cfg = load_eval_config(overrides)
         if print_config:
             print(config_lib.to_yaml(cfg))
@@ -166,4 +160,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ssl_zoo import config as config_lib
+from ssl_zoo.cli import exit_with, plugin_overrides, split_flags
 from ssl_zoo.config import ConfigError, TrainerConfig
 from ssl_zoo.errors import UserError
 from ssl_zoo.launch.local import Stopped
@@ -22,14 +23,6 @@ from ssl_zoo.train import TooManyBadSteps
 
 #: errors reported as one `error:` line (no traceback): a user's mistake, or a run that cannot go on
 USER_ERRORS = (UserError, RegistryError, PluginImportError, FileNotFoundError, TooManyBadSteps)
-
-
-def _plugin_overrides(argv: list[str]) -> list[str]:
-    """The modules of a `plugins=[a,b]` argument, so `--help` lists what they register."""
-    for arg in argv:
-        if arg.startswith("plugins="):
-            return [m.strip() for m in arg.partition("=")[2].strip("[]").split(",") if m.strip()]
-    return []
 
 
 def help_text() -> str:
@@ -116,20 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         try:
-            load_plugins(_plugin_overrides(argv))
+            load_plugins(plugin_overrides(argv))
         except PluginImportError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(help_text())
         return 0
-    print_config = "--print-config" in argv
-    overrides = [a for a in argv if a != "--print-config"]
-    unknown_flags = [a for a in overrides if a.startswith("-")]
-    if unknown_flags:
-        print(f"error: unknown flag {unknown_flags[0]}; see --help", file=sys.stderr)
-        return 2
     try:
-        summaries = run(overrides, print_config)
+        summaries = run(*split_flags(argv))
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -145,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)
