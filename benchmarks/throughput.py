@@ -257,13 +257,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     report["plot"] = plot(report, png)
-    out.write_text(json.dumps(report, indent=1))
-    table = markdown(report, out, png)
-    print(table)
-    if not args.no_append:
-        with args.results_md.open("a") as f:
-            f.write("\n" + table)
+    publish(report, out, markdown(report, out, png), None if args.no_append else args.results_md)
     return report
+
+
+def publish(report: dict, out: Path, table: str, results_md: Path | None) -> None:
+    """The report as JSON at `out`, its table printed and, unless `results_md` is None, appended there."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    print(table)
+    if results_md is not None:
+        with results_md.open("a") as f:
+            f.write("\n" + table)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch import nn
 
 from benchmarks.flops import count_macs, matmul_rate
 from benchmarks.kernels_cpu import median_interval
-from benchmarks.throughput import machine
+from benchmarks.throughput import machine, publish
 from benchmarks.throughput_step import build, schedule
 
 ROOT = Path(__file__).resolve().parent
@@ -234,13 +234,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["optimizer"] = optimizer_rounds(load_config([*BASE, *args.overrides]).model, args.rounds)
     report["wall_s"] = time.perf_counter() - started
     out = args.out or ROOT / "results" / f"vs_timm-{now:%Y%m%d-%H%M%S}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    print(table)
-    if not args.no_append:
-        with args.results_md.open("a") as f:
-            f.write("\n" + table)
+    publish(report, out, markdown(report), None if args.no_append else args.results_md)
     return report
 
 
