@@ -3,7 +3,8 @@
 Import packages of this one distribution, under names no other distribution uses: `ssl_zoo` (the generic
 core, from ssl_zoo/, every sub-package found), `ssl_zoo_peco` and `ssl_zoo_mae` (the plugins, from
 plugins/peco/ and plugins/mae/), `ssl_zoo_kernels` (fused ops with their PyTorch references, from kernels/),
-and `ssl_zoo_configs` (the YAML config groups, from configs/).
+and `ssl_zoo_configs` (the core's generic YAML config groups, from configs/). Each plugin ships its own
+config groups (method, model, experiment) as package data in its `configs/` folder.
 """
 from setuptools import find_packages, setup
 
@@ -29,7 +30,8 @@ setup(
         "ssl_zoo_kernels": "kernels",
         "ssl_zoo_configs": "configs",
     },
-    package_data={"ssl_zoo_configs": ["*.yaml", "*/*.yaml"]},
+    package_data={"ssl_zoo_configs": ["*.yaml", "*/*.yaml"], "ssl_zoo_peco": ["configs/*/*.yaml"],
+                  "ssl_zoo_mae": ["configs/*/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

@@ -28,8 +28,8 @@ from benchmarks.throughput_memory import MALLOC_ENV, MIB
 
 #: model -> (overrides, per-rank micro-batch): sizes where activations and model states both matter
 MODELS = {
-    "vit_tiny": (["model=vit_tiny", "model.img_size=128"], 32),
-    "vit_small": (["model=vit_small", "model.img_size=128"], 16),
+    "vit_tiny": (["model=beit_tiny", "model.img_size=128"], 32),
+    "vit_small": (["model=beit_small", "model.img_size=128"], 16),
 }
 BASE = ["method=peco", "data=synthetic", "data.image_size=128", "trainer.device=cpu", "trainer.strategy=deepspeed",
         "trainer.warmup_steps=1", "trainer.log_every=1", "method.mask.num_masked=26", "method.mask.min_block=4"]

@@ -1,6 +1,6 @@
 """Throughput benchmark of the pretraining step: `python -m benchmarks.throughput [options] [overrides]`.
 
-Takes the same config overrides as `python -m ssl_zoo.run` (default: `method=peco model=vit_base
+Takes the same config overrides as `python -m ssl_zoo.run` (default: `method=peco model=beit_base
 data=synthetic` with the paper-size tokenizer and BEiT's 224 px mask) and measures, in one run:
 
 - the main case (CPU: ViT-B/16 224 px, batch 32, fp32; GPU: batch 64, bf16): images/s of the whole step and
@@ -37,14 +37,14 @@ from benchmarks.throughput_memory import MALLOC_ENV
 from benchmarks.throughput_report import markdown, plot
 
 ROOT = Path(__file__).resolve().parent
-BASE = ["method=peco", "model=vit_base", "data=synthetic"]
+BASE = ["method=peco", "model=beit_base", "data=synthetic"]
 #: the paper's tokenizer (VQGAN f=16 encoder of width 128, 8192 codes x 256), random weights
 PAPER_TOKENIZER = ["method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]",
                    "method.tokenizer.autoencoder.base_width=128", "method.tokenizer.autoencoder.num_res_blocks=2",
                    "method.tokenizer.autoencoder.z_channels=256", "method.tokenizer.autoencoder.norm_groups=32",
                    "method.tokenizer.quantizer.num_codes=8192", "method.tokenizer.quantizer.dim=256"]
 MASK_224 = ["method.mask.num_masked=75", "method.mask.min_block=16"]  # BEiT at 224 px: 75 of 196
-ZERO_MODEL = ["method=peco", "model=vit_huge", "trainer.strategy=deepspeed", "trainer.precision=bf16"]
+ZERO_MODEL = ["method=peco", "model=beit_huge", "trainer.strategy=deepspeed", "trainer.precision=bf16"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,13 +67,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed steps of every other case (%(default)s)")
     p.add_argument("--no-paper-tokenizer", action="store_true",
                    help="main case: keep the config's tokenizer size instead of the paper's (8192 x 256, width 128)")
-    p.add_argument("--sweep-model", default="vit_base" if gpu else "vit_tiny",
+    p.add_argument("--sweep-model", default="beit_base" if gpu else "beit_tiny",
                    help="model of the batch sweep and of the precision and compile comparisons (%(default)s)")
     p.add_argument("--sweep-batches", default="32,64,128,256" if gpu else "8,16,32,64",
                    help="comma-separated batch sizes of the sweep; the compile and precision comparisons use the "
                         "middle one (%(default)s); empty: no sweep")
-    p.add_argument("--sizes", default="vit_tiny,vit_small,vit_base,vit_large,vit_huge" if gpu else
-                   "vit_tiny,vit_small,vit_base", help="models timed at 224 px and --sizes-batch (%(default)s)")
+    p.add_argument("--sizes", default="beit_tiny,beit_small,beit_base,beit_large,beit_huge" if gpu else
+                   "beit_tiny,beit_small,beit_base", help="models timed at 224 px and --sizes-batch (%(default)s)")
     p.add_argument("--sizes-batch", type=int, default=8 if gpu else 2, help="batch of the model-size cases")
     p.add_argument("--matmul-size", type=int, default=8192 if gpu else 2048,
                    help="side of the square matmul whose fp32 and bf16 rates are measured (%(default)s)")
@@ -159,7 +159,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                   "warmup_batch": args.main_warmup_batch or None}],
     }
     small = ["method=peco", f"model={args.sweep_model}", "data=synthetic", *args.overrides]
-    if args.sweep_model in ("vit_base", "vit_large", "vit_huge"):
+    if args.sweep_model in ("beit_base", "beit_large", "beit_huge"):
         small += [*tokenizer, *MASK_224]
     batches = [int(b) for b in args.sweep_batches.split(",") if b]
     if batches:

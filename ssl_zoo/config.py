@@ -1,7 +1,9 @@
 """Strict config composition: Hydra picks the YAML group options, typed schemas check every key.
 
-The run is configured from `configs/` (package `ssl_zoo_configs`): `group=option` chooses a YAML file of a
-group, `a.b.c=value` overrides one key. Every section is checked against a dataclass schema before any work
+The run is configured from the core's generic groups in `configs/` (package `ssl_zoo_configs`: trainer, data,
+launcher, protocol, ...) and the groups each loaded plugin ships in its own `configs/` folder (method, model,
+experiment; `registry.plugin_config_dirs`): `group=option` chooses a YAML file of a group, `a.b.c=value`
+overrides one key. Every section is checked against a dataclass schema before any work
 starts: the core's own (`TrainerConfig`, `RootConfig`) or the one registered with the registry entry that the
 section names (`method.name`, `model.name`, `data.name`, `launcher.name`). A typo or a wrong type fails with
 one line naming the key path and, for a typo, the nearest valid key.
@@ -16,6 +18,7 @@ from typing import Any, Iterator, Optional
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -61,7 +64,7 @@ class TrainerConfig:
     activation_checkpointing: bool = False  # recompute activations in backward (timm's set_grad_checkpointing)
     find_unused_parameters: bool = True
     log_every: int = checked(10, ge=1)
-    checkpoint_every: int = checked(100, ge=1)
+    checkpoint_every: int = checked(50, ge=1)
     keep_checkpoints: int = checked(2, ge=1)
     visualize_every: int = checked(0, ge=0)  # 0: pictures at the end only (the only choice under ZeRO-3)
     eval_every: int = checked(0, ge=0)  # kNN top-1 on crop_id every N steps into metrics.jsonl / TensorBoard (0: off)
@@ -100,15 +103,27 @@ class RootConfig:
 
 
 def config_dir() -> Path:
+    """The core's config folder, holding the primary configs and the generic groups."""
     import ssl_zoo_configs
 
     return Path(ssl_zoo_configs.__file__).parent
 
 
+def config_dirs() -> list[Path]:
+    """Every folder of config groups: the core's, then each loaded plugin's."""
+    return [config_dir(), *registry.plugin_config_dirs()]
+
+
+def _search_path() -> list[str]:
+    """The Hydra override that appends the loaded plugins' config folders to the core's search path."""
+    folders = ",".join(f"'file://{folder}'" for folder in registry.plugin_config_dirs())
+    return [f"hydra.searchpath=[{folders}]"]
+
+
 def store_schema(group: str, name: str, schema: type) -> None:
     """Make `group=name` choosable from a registered schema alone, unless a YAML option has that name
     (Hydra would otherwise match the two, a deprecated behaviour; our own validation types the YAML)."""
-    if not (config_dir() / group / f"{name}.yaml").exists():
+    if not any((folder / group / f"{name}.yaml").exists() for folder in config_dirs()):
         ConfigStore.instance().store(group=group, name=name, node=schema, provider="ssl_zoo")
 
 
@@ -125,9 +140,10 @@ def groups(only: tuple[str, ...] | None = None) -> dict[str, list[str]]:
     """Config groups and their options, as `--help` shows them: `only` those, or those of `config.yaml`."""
     _hydra()
     loader = GlobalHydra.instance().config_loader()
-    names = [g for g in sorted(loader.list_groups("")) if g != "hydra"]
+    listed = loader.get_group_options("", results_filter=ObjectType.GROUP, overrides=_search_path())
+    names = [g for g in sorted(listed) if g != "hydra"]
     names = [g for g in names if g in only] if only is not None else [g for g in names if g not in OTHER_PRIMARY_GROUPS]
-    return {g: loader.get_group_options(g) for g in names}
+    return {g: loader.get_group_options(g, overrides=_search_path()) for g in names}
 
 
 def _split(overrides: list[str],
@@ -218,6 +234,22 @@ def validate(raw: DictConfig, root_schema: type = RootConfig,
     return root
 
 
+def _compose(config_name: str, choices: list[str]) -> DictConfig:
+    """Hydra's composition. A group that no chosen YAML lists (a method known only by its schema names no
+    default model) is added rather than overridden: `model=x` then means `+model=x`."""
+    choices = list(choices)
+    while True:
+        try:
+            return compose(config_name=config_name, overrides=[*_search_path(), *choices])
+        except HydraException as exc:
+            message = str(exc).splitlines()[0]
+            unmatched = [i for i, c in enumerate(choices)
+                         if message == f"Could not override '{c.partition('=')[0]}'. No match in the defaults list."]
+            if not unmatched:
+                raise ConfigError(message) from None
+            choices[unmatched[0]] = "+" + choices[unmatched[0]]
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
                 root_schema: type = RootConfig, registries: dict[str, Registry[Any]] | None = None,
                 group_names: tuple[str, ...] | None = None) -> DictConfig:
@@ -229,11 +261,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     choices, keys, plugins = _split(overrides, groups(group_names))
     registry.load_plugins(plugins)  # before the choices are checked: plugins add options
     _check_choices(choices, groups(group_names))
-    try:
-        raw = compose(config_name=config_name, overrides=choices)
-    except HydraException as exc:
-        raise ConfigError(str(exc).splitlines()[0]) from None
-    cfg = validate(raw, root_schema, registries)
+    cfg = validate(_compose(config_name, choices), root_schema, registries)
     for key, value, _ in keys:
         if key.startswith(("+", "~")):
             raise ConfigError(f"'{key}': adding or deleting keys is not supported; every key has a schema")

@@ -3,14 +3,18 @@
 Everything the core builds from a config (methods, backbones, datasets, strategies, launchers, ...) is
 looked up here by name, so a plugin outside this package adds a method without editing `ssl_zoo/`.
 Plugins arrive through the `ssl_zoo.plugins` entry-point group or a `plugins: [module, ...]` config list.
+A plugin package may ship config groups (`<package>/configs/<group>/<option>.yaml`, e.g. its method, model
+and experiment YAML): they join the config search path when the plugin loads (`plugin_config_dirs`).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import importlib
+import importlib.util
 import traceback
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -68,6 +72,7 @@ class Registry(Generic[T]):
                     f"(first by {_where(self._entries[name].builder)}, again by {_where(builder)})"
                 )
             self._entries[name] = Entry(name, builder, schema)
+            _add_config_dir(getattr(builder, "__module__", "").partition(".")[0])  # also when imported directly
             if schema is not None and self.group is not None:
                 from ssl_zoo.config import store_schema  # late: config imports this module
 
@@ -120,13 +125,32 @@ HEADS: Registry[Any] = Registry("head")
 TRANSFORMS: Registry[Any] = Registry("transform")
 
 _loaded: set[str] = set()
+_config_dirs: list[Path] = []
+
+
+def plugin_config_dirs() -> list[Path]:
+    """The `configs/` folders of the loaded plugin packages, in load order (Hydra's search path after the core's)."""
+    return list(_config_dirs)
+
+
+def _add_config_dir(module: str) -> None:
+    """Record `<module>/configs` before the module is imported, so schemas it registers see its YAML options."""
+    try:
+        spec = importlib.util.find_spec(module) if module else None
+    except (ImportError, ValueError):  # not importable (`__main__`): the import itself reports a missing module
+        return
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "configs"
+        if folder.is_dir() and folder not in _config_dirs:
+            _config_dirs.append(folder)
 
 
 def import_plugin(module: str) -> None:
-    """Import a plugin module once; its import registers what it provides."""
+    """Import a plugin module once; its import registers what it provides and its configs join the search path."""
     if module in _loaded:
         return
     try:
+        _add_config_dir(module)
         importlib.import_module(module)
     except Exception as exc:  # report any failure with the module's name, keep the cause
         last = traceback.extract_tb(exc.__traceback__)[-1]

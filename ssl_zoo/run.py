@@ -42,7 +42,7 @@ def help_text() -> str:
         lines.append(f"  trainer.{field.name:<22} default {default}")
     lines += ["", "flags:", "  --print-config   print the resolved config and exit", "  -h, --help       this text",
               "", "examples:", "  python -m ssl_zoo.run method=peco",
-              "  python -m ssl_zoo.run method=peco model=vit_small trainer.max_steps=1000 output_dir=runs/small"]
+              "  python -m ssl_zoo.run method=peco model=beit_small trainer.max_steps=1000 output_dir=runs/small"]
     return "\n".join(lines)
 
 

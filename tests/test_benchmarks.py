@@ -54,7 +54,7 @@ def test_recompute_variant_turns_checkpointing_on_for_its_steps_only() -> None:
 def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
     out, md = tmp_path / "report.json", tmp_path / "RESULTS.md"
     report = throughput.main([
-        "model=vit_tiny", "model.depth=2", "--no-paper-tokenizer", "--batch", "2", "--main-warmup", "0",
+        "model=beit_tiny", "model.depth=2", "--no-paper-tokenizer", "--batch", "2", "--main-warmup", "0",
         "--main-repeats", "1", "--warmup", "0", "--repeats", "1", "--sweep-batches", "1,2", "--sizes", "",
         "--matmul-size", "128", "--no-compile", "--no-zero", "--in-process", "--out", str(out),
         "--results-md", str(md),
@@ -62,7 +62,7 @@ def test_tiny_run_writes_report_table_and_plot(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["command"] == report["command"]
     assert out.with_suffix(".png").stat().st_size > 0
     table = md.read_text()
-    assert "python -m benchmarks.throughput model=vit_tiny" in table and "| **whole step** |" in table
+    assert "python -m benchmarks.throughput model=beit_tiny" in table and "| **whole step** |" in table
 
     main = report["main"]
     fused, unfused = main["fused"], main["unfused"]

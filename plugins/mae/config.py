@@ -1,5 +1,5 @@
-"""Typed config schemas of the MAE plugin (merged by the core with configs/method/mae.yaml and
-configs/model/mae_vit_*.yaml), with the limits and cross-key rules the core checks before any work.
+"""Typed config schemas of the MAE plugin (merged by the core with plugins/mae/configs/method/mae.yaml and
+plugins/mae/configs/model/mae_vit_*.yaml), with the limits and cross-key rules the core checks before any work.
 
 The defaults are the tiny CPU run's (`python -m ssl_zoo.run method=mae`); the paper's full-scale recipes live
 in configs/experiment/mae_vit_*.yaml. The decoder's shape sits with the model (MAE defines it per model size:

@@ -1,4 +1,4 @@
-"""Typed config schemas of the PeCo plugin (merged by the core with configs/method/*.yaml, configs/model/*.yaml).
+"""Typed config schemas of the PeCo plugin (merged by the core with plugins/peco/configs/{method,model}/*.yaml).
 
 Every default here is the tiny CPU pipeline's (`python -m ssl_zoo.run method=peco`); the paper's full-scale
 values live in configs/experiment/*.yaml. Both PeCo methods share one schema so that a user's
@@ -230,7 +230,7 @@ def _check_tokenizer_view(method: DictConfig, root: DictConfig) -> int:
     model = root.model
     if "img_size" not in model or "patch_size" not in model:
         raise ConfigError(f"method={method.name} needs a ViT model section with img_size and patch_size "
-                          f"(model={model.name} has neither); use model=vit_tiny or another ViT option")
+                          f"(model={model.name} has neither); use model=beit_tiny or another ViT option")
     factor = 2 ** (len(method.tokenizer.autoencoder.channel_mult) - 1)
     size = tokenizer_image_size(root)
     if size % factor:

@@ -11,13 +11,14 @@ from PIL import Image
 from ssl_zoo.config import load_config
 from ssl_zoo.engine.strategy import TorchStrategy
 from ssl_zoo.run import main
+import ssl_zoo_mae
 from ssl_zoo_mae.method import Mae, patchify, unpatchify
 from ssl_zoo_mae.vit import build_mae_vit
 
 #: ViT with 2 blocks on a 4 x 4 grid of 8-px patches, decoder of 1 block: milliseconds per step
 TINY = ["method=mae", "model.img_size=32", "model.patch_size=8", "model.embed_dim=32", "model.depth=2",
         "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment")
+EXPERIMENTS = sorted(p.stem for p in (Path(ssl_zoo_mae.__file__).parent / "configs" / "experiment")
                      .glob("mae_vit_*ep.yaml"))
 
 
@@ -195,7 +196,7 @@ def test_method_selects_its_own_model_family_and_a_command_line_model_wins() -> 
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["model=vit_base"], "method=mae needs a model of the mae_vit family"),
+    (["model=beit_base"], "method=mae needs a model of the mae_vit family"),
     (["method.mask_ratio=1.0"], "'method.mask_ratio': 1.0; allowed: > 0, < 1"),
     (["model.img_size=16", "method.mask_ratio=0.9"], "'method.mask_ratio': 0.9; allowed: one that keeps a patch of 1"),
     (["model.img_size=100"], "'model.img_size': 100; allowed: a multiple of model.patch_size (16)"),

@@ -19,7 +19,7 @@ def small(**kwargs) -> BeitMIM:
     return BeitMIM(OmegaConf.structured(BeitConfig(**{**SMALL, **kwargs})))
 
 
-@pytest.mark.parametrize(("model", "millions"), [("vit_base", 86), ("vit_large", 304), ("vit_huge", 632)])
+@pytest.mark.parametrize(("model", "millions"), [("beit_base", 86), ("beit_large", 304), ("beit_huge", 632)])
 def test_full_scale_sizes_build_on_meta_with_the_expected_parameter_count(model: str, millions: float) -> None:
     cfg = load_config(["method=peco", f"model={model}"])
     net = build_beit(cfg.model, device="meta")
@@ -29,7 +29,7 @@ def test_full_scale_sizes_build_on_meta_with_the_expected_parameter_count(model:
 
 
 def test_backbone_loads_into_timm_beit_base_with_only_the_head_missing() -> None:
-    cfg = load_config(["method=peco", "model=vit_base"])
+    cfg = load_config(["method=peco", "model=beit_base"])
     ours = build_beit(cfg.model)
     theirs = timm.create_model("beit_base_patch16_224", pretrained=False)
     result = theirs.load_state_dict(ours.timm_state_dict(), strict=False)
@@ -38,7 +38,7 @@ def test_backbone_loads_into_timm_beit_base_with_only_the_head_missing() -> None
 
 
 def test_vit_huge_state_matches_timm_beit_of_that_size() -> None:
-    cfg = load_config(["method=peco", "model=vit_huge"])
+    cfg = load_config(["method=peco", "model=beit_huge"])
     ours = build_beit(cfg.model, device="meta").timm_state_dict()
     theirs = Beit(patch_size=14, embed_dim=1280, depth=32, num_heads=16, use_abs_pos_emb=False,
                   use_rel_pos_bias=True, init_values=1e-5, device="meta").state_dict()

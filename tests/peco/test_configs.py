@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 
 from ssl_zoo.config import ConfigError, load_config
+import ssl_zoo_peco
 from ssl_zoo.registry import METHODS
 from ssl_zoo_peco.beit import build_beit
 from ssl_zoo_peco.config import tokenizer_image_size
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "experiment").glob("peco_vit_*ep.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (Path(ssl_zoo_peco.__file__).parent / "configs" / "experiment")
+                     .glob("peco_vit_*ep.yaml"))
 
 
 def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_settings() -> None:
@@ -48,10 +50,10 @@ def test_typos_and_bad_values_fail_naming_the_key() -> None:
 
 def test_tokenizer_view_size_follows_the_vit_grid() -> None:
     assert tokenizer_image_size(load_config(["method=peco"])) == 48  # 6 x 6 grid, f = 8
-    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base"])) == 112  # 14 x 14 grid, f = 8
+    assert tokenizer_image_size(load_config(["method=peco", "model=beit_base"])) == 112  # 14 x 14 grid, f = 8
     f16 = "method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]"  # the paper recipes' VQGAN shape
-    assert tokenizer_image_size(load_config(["method=peco", "model=vit_base", f16])) == 224
-    assert tokenizer_image_size(load_config(["method=peco", "model=vit_huge", f16])) == 256
+    assert tokenizer_image_size(load_config(["method=peco", "model=beit_base", f16])) == 224
+    assert tokenizer_image_size(load_config(["method=peco", "model=beit_huge", f16])) == 256
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -59,7 +61,7 @@ def test_paper_recipes_compose_and_build_on_meta(experiment: str) -> None:
     cfg = load_config(["method=peco", f"experiment={experiment}", "data.root=/imagenet/train"])
     net = build_beit(cfg.model, device="meta")
     millions = sum(p.numel() for p in net.parameters()) / 1e6
-    expected = {"vit_base": 86, "vit_large": 304, "vit_huge": 632}
+    expected = {"beit_base": 86, "beit_large": 304, "beit_huge": 632}
     size = next(k for k in expected if k.split("_")[1] in experiment)
     assert millions == pytest.approx(expected[size], rel=0.01)
     grid = cfg.model.img_size // cfg.model.patch_size
