@@ -3,9 +3,8 @@
 The public names a plugin uses: the registries, the method contract and the checkpoint helpers.
 """
 from ssl_zoo.method import Method, Stage, StepOutput, TimmSpec
-from ssl_zoo.registry import (BACKBONES, DATASETS, HEADS, LAUNCHERS, METHODS, STRATEGIES, TARGET_GENERATORS,
-                              TRANSFORMS, Registry)
+from ssl_zoo.registry import BACKBONES, DATASETS, LAUNCHERS, METHODS, STRATEGIES, Registry
 
-__all__ = ["Method", "Stage", "StepOutput", "TimmSpec", "Registry", "METHODS", "BACKBONES", "DATASETS", "HEADS",
-           "LAUNCHERS", "STRATEGIES", "TARGET_GENERATORS", "TRANSFORMS"]
+__all__ = ["Method", "Stage", "StepOutput", "TimmSpec", "Registry", "METHODS", "BACKBONES", "DATASETS", "LAUNCHERS",
+           "STRATEGIES"]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -252,9 +252,11 @@ def _compose(config_name: str, choices: list[str]) -> DictConfig:
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config",
                 root_schema: type = RootConfig, registries: dict[str, Registry[Any]] | None = None,
-                group_names: tuple[str, ...] | None = None) -> DictConfig:
+                group_names: tuple[str, ...] | None = None, settings: Mapping[str, Any] | None = None) -> DictConfig:
     """Compose `configs/<config_name>.yaml` (default `config.yaml`, the training run) with the command-line
-    overrides; return the config validated against `root_schema` and the `registries` of its sections."""
+    overrides, then apply `settings` (typed values by dotted key, as a method's stage hands them: they win
+    over the command line's); return the config validated against `root_schema` and the `registries` of its
+    sections."""
     overrides = list(overrides)
     registries = SECTION_REGISTRIES if registries is None else registries
     registry.load_plugins()
@@ -262,6 +264,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
     registry.load_plugins(plugins)  # before the choices are checked: plugins add options
     _check_choices(choices, groups(group_names))
     cfg = validate(_compose(config_name, choices), root_schema, registries)
+    keys += [(key, value, f"{key}={value}") for key, value in (settings or {}).items()]
     for key, value, _ in keys:
         if key.startswith(("+", "~")):
             raise ConfigError(f"'{key}': adding or deleting keys is not supported; every key has a schema")

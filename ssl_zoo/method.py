@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -31,13 +31,15 @@ class StepOutput:
 class Stage:
     """One training run of a multi-stage method (PeCo: tokenizer, then masked image modelling).
 
-    `overrides` are `key=value` / `group=option` strings applied to the user's command line for this stage;
-    the stage runs in `output_dir/<name>`. A later stage can point at an earlier one's export, which is
-    always `<stage output_dir>/export/method.safetensors`.
+    The stage's config is the user's command line with `method` chosen instead (None: the user's own) and
+    `settings` applied over it: typed values by dotted key (`{"trainer.max_steps": 450}`), checked against the
+    schemas like any override. The stage runs in `output_dir/<name>`; a later stage can point at an earlier
+    one's export, which is always `<stage output_dir>/export/method.safetensors`.
     """
 
     name: str
-    overrides: tuple[str, ...] = ()
+    method: str | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,9 +120,6 @@ BACKBONES: Registry[Any] = Registry("backbone", group="model")
 DATASETS: Registry[Any] = Registry("dataset", group="data")
 LAUNCHERS: Registry[Any] = Registry("launcher", group="launcher")
 STRATEGIES: Registry[Any] = Registry("strategy")
-TARGET_GENERATORS: Registry[Any] = Registry("target generator")
-HEADS: Registry[Any] = Registry("head")
-TRANSFORMS: Registry[Any] = Registry("transform")
 
 _loaded: set[str] = set()
 _config_dirs: list[Path] = []

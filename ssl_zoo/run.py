@@ -52,7 +52,7 @@ def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]
     stages = METHODS.get(cfg.method.name).stages(cfg)
     plan: list[tuple[str | None, DictConfig]] = [(None, cfg)]
     if stages:
-        plan = [(s.name, _stage_config(overrides, s, cfg.output_dir)) for s in stages]
+        plan = [(s.name, stage_config(overrides, s, f"{cfg.output_dir}/{s.name}")) for s in stages]
     if print_config:
         for name, stage_cfg in plan:
             print(f"# stage: {name}" if name else "# config", config_lib.to_yaml(stage_cfg), sep="\n")
@@ -69,10 +69,12 @@ def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]
     return summaries
 
 
-def _stage_config(overrides: list[str], stage: Stage, output_dir: str) -> DictConfig:
-    """A stage's validated config; its errors say which stage (its keys come partly from the method)."""
+def stage_config(overrides: list[str], stage: Stage, output_dir: str) -> DictConfig:
+    """A stage's validated config, run in `output_dir`; its errors say which stage (its keys come partly from
+    the method)."""
+    choice = [f"method={stage.method}"] if stage.method else []
     try:
-        return config_lib.load_config([*overrides, *stage.overrides, f"output_dir={output_dir}/{stage.name}"])
+        return config_lib.load_config([*overrides, *choice], settings={**stage.settings, "output_dir": output_dir})
     except ConfigError as exc:
         raise ConfigError(f"{exc} (in stage '{stage.name}')") from None
 

@@ -25,8 +25,9 @@ from ssl_zoo.data.transforms import DefaultTransform
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
 from ssl_zoo.engine.logger import MetricsLogger
-from ssl_zoo.engine.strategy import build_strategy, describe_precision
+from ssl_zoo.engine.strategy import Strategy, build_strategy, describe_precision
 from ssl_zoo.evaluation.frozen import KnnMonitor
+from ssl_zoo.method import Method
 from ssl_zoo.registry import DATASETS, METHODS
 
 log = logging.getLogger("ssl_zoo")
@@ -104,7 +105,7 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
     try:
         last_batch = _loop(cfg, strategy, batches, checkpoints, logger, counts, start_step, device, should_stop,
                            monitor)
-        summary = _finish(cfg, strategy, checkpoints, logger, counts, last_batch, started, resumed_from)
+        summary = _finish(cfg, strategy, checkpoints, logger, counts, last_batch, started, resumed_from, device)
     finally:
         logger.close()
         dist.shutdown()
@@ -149,7 +150,7 @@ def _trainer_state(done: int, trainer: DictConfig, totals: dict[str, int]) -> di
             **{k: totals[k] for k in ("skipped_images", "skipped_steps", "bad_steps_in_a_row")}}
 
 
-def _loop(cfg: DictConfig, strategy: Any, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
+def _loop(cfg: DictConfig, strategy: Strategy, batches: Iterator[dict[str, Any]], checkpoints: CheckpointManager,
           logger: MetricsLogger, counts: RunCounts, start_step: int, device: torch.device,
           should_stop: Callable[[], bool] | None, monitor: Callable[[Any], dict[str, float]] | None = None
           ) -> dict[str, Any] | None:
@@ -208,19 +209,20 @@ def _stop_now(should_stop: Callable[[], bool], log_or_checkpoint_step: bool, dev
     return log_or_checkpoint_step and dist.mean_over_ranks({"stop": float(should_stop())}, device)["stop"] > 0
 
 
-def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logger: MetricsLogger,
-            counts: RunCounts, last_batch: dict[str, Any] | None, started: float, resumed_from: Path | None) -> dict[str, Any]:
+def _finish(cfg: DictConfig, strategy: Strategy, checkpoints: CheckpointManager, logger: MetricsLogger,
+            counts: RunCounts, last_batch: dict[str, Any] | None, started: float, resumed_from: Path | None,
+            device: torch.device) -> dict[str, Any]:
     trainer, out = cfg.trainer, Path(cfg.output_dir)
     final = checkpoints.latest()
     if final is None or final.name != f"step-{trainer.max_steps:08d}":
         final = checkpoints.save(trainer.max_steps, strategy.save,
                                  _trainer_state(trainer.max_steps, trainer, counts.read()))
-    # read before full_state_dict: under ZeRO-3 rank 0 then continues on a plain copy without the run's last metrics
+    # read on the live method: a copy built from the weights (sharded parameters) lacks the run's last metrics
     trained_summary = strategy.method.summary() if dist.rank() == 0 else {}
     weights = strategy.full_state_dict()
     if dist.rank() != 0:
         return {}
-    method = strategy.method
+    method = _whole_method(cfg, strategy, weights, device)
     save_safetensors(weights, out / "export" / "method.safetensors", {"method": cfg.method.name})
     save_safetensors(method.backbone_state_dict(), out / "export" / "backbone.safetensors",
                      {"method": cfg.method.name})
@@ -244,3 +246,14 @@ def _finish(cfg: DictConfig, strategy: Any, checkpoints: CheckpointManager, logg
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _whole_method(cfg: DictConfig, strategy: Strategy, weights: dict[str, torch.Tensor], device: torch.device
+                  ) -> Method:
+    """The trained method with every weight on this rank, for export, held-out figures and pictures: the live
+    one, or where it holds only a shard of the parameters (ZeRO-3) a plain copy loaded with `weights`."""
+    if not strategy.shards_parameters:
+        return strategy.method
+    plain = METHODS.get(cfg.method.name)(cfg)
+    plain.load_state_dict(weights)
+    return plain.to(device)

@@ -34,8 +34,9 @@ from ssl_zoo.evaluation.features import compute_features
 from ssl_zoo.evaluation.frozen import labelled_splits
 from ssl_zoo.evaluation.protocols import KnnConfig, knn
 from ssl_zoo.export import export, export_timm
-from ssl_zoo.method import Method
+from ssl_zoo.method import Method, Stage
 from ssl_zoo.registry import DATASETS, METHODS
+from ssl_zoo.run import stage_config
 from ssl_zoo.train import train
 from tests.conftest import read_metrics
 
@@ -82,14 +83,14 @@ class ContractRun:
         self.name, self.straight, self.resumed = name, root / "straight", root / "resumed"
         stages = METHODS.get(name).stages(load_config([*base, f"output_dir={root}"]))
         for stage in stages[:-1]:  # earlier stages write the exports the last one reads
-            train(load_config([*base, *stage.overrides, f"output_dir={root / stage.name}"]))
-        self.overrides = [*base, *(stages[-1].overrides if stages else ())]
-        self.cfg = load_config([*self.overrides, f"output_dir={self.straight}"])
+            train(stage_config(base, stage, str(root / stage.name)))
+        last = stages[-1] if stages else Stage(name)
+        self.cfg = stage_config(base, last, str(self.straight))
         self.summary = train(self.cfg)
         shutil.copytree(self.straight, self.resumed,
                         ignore=shutil.ignore_patterns("step-00000002", "export", "summary.json", "pictures"))
         (self.resumed / "checkpoints" / "last").write_text("step-00000001\n")
-        self.resumed_summary = train(load_config([*self.overrides, f"output_dir={self.resumed}"]))
+        self.resumed_summary = train(stage_config(base, last, str(self.resumed)))
 
     def method(self) -> Method:
         """The method as its config builds it, with the straight run's final weights."""

@@ -145,7 +145,7 @@ class TokenizerEvalConfig:
 
 @dataclass
 class StageTrainingConfig:
-    """Trainer settings of the tokenizer stage, passed as `trainer.*` overrides to that stage's run.
+    """Trainer settings of the tokenizer stage: each key sets the `trainer` key of that name in its run.
     VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
 
     max_steps: int = checked(450, ge=1)

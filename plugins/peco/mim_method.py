@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import ssl_zoo_kernels
 import torch
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -28,10 +28,6 @@ from .config import PecoConfig, tokenizer_image_size
 from .masking import BlockMaskGenerator
 from .transforms import MimTransform
 from .vqgan import VQTokenizer
-
-STAGE1_TRAINER_KEYS = ("max_steps", "batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "betas",
-                       "grad_clip", "log_every", "checkpoint_every")
-
 
 class MimHead(nn.Module):
     """Linear head over the vocabulary fused with the masked cross-entropy (no full logits).
@@ -68,12 +64,6 @@ class MimHead(nn.Module):
             label_smoothing=label_smoothing, impl=self.kernel_impl, return_accuracy=True)
 
 
-def _override_value(value: Any) -> str:
-    if isinstance(value, (list, tuple, ListConfig)):
-        return "[" + ",".join(str(v) for v in value) + "]"
-    return str(value)
-
-
 @METHODS.register("peco", schema=PecoConfig)
 class Peco(Method):
     def __init__(self, cfg: DictConfig) -> None:
@@ -107,12 +97,13 @@ class Peco(Method):
     def stages(cls, cfg: DictConfig) -> list[Stage]:
         if cfg.method.tokenizer.checkpoint is not None:
             return []
-        training = cfg.method.tokenizer_training
-        # activation checkpointing is the ViT's memory setting; the conv tokenizer has no recomputation hook
-        stage1 = ("method=peco_tokenizer", "trainer.activation_checkpointing=false",
-                  *(f"trainer.{key}={_override_value(training[key])}" for key in STAGE1_TRAINER_KEYS))
+        # every key of tokenizer_training (its schema: StageTrainingConfig) is a trainer key of stage 1;
+        # activation checkpointing is the ViT's memory setting: the conv tokenizer has no recomputation hook
+        stage1 = {"trainer.activation_checkpointing": False,
+                  **{f"trainer.{key}": value for key, value in cfg.method.tokenizer_training.items()}}
         export = Path(cfg.output_dir).resolve() / "tokenizer" / "export" / "method.safetensors"
-        return [Stage("tokenizer", stage1), Stage("mim", (f"method.tokenizer.checkpoint='{export}'",))]
+        return [Stage("tokenizer", "peco_tokenizer", stage1),
+                Stage("mim", settings={"method.tokenizer.checkpoint": str(export)})]
 
     @classmethod
     def timm_spec(cls, cfg: DictConfig) -> TimmSpec:

@@ -5,8 +5,9 @@ ZeRO stage, offload), never written by hand, so the two cannot disagree; it is s
 `deepspeed_config.json` in the run directory. The optimiser and the lr schedule are ours (`build_optimizer`,
 `lr_factor`) handed to DeepSpeed, which steps and checkpoints them. Checkpoints are DeepSpeed's own shards,
 written into the directory the CheckpointManager gives (`<checkpoint>/zero/`), so the atomic `last` pointer
-and auto-resume work unchanged. `full_state_dict()` gathers ZeRO-3 shards into plain fp32 tensors; the
-`python -m ssl_zoo.export` tool does the same from a checkpoint without a process group.
+and auto-resume work unchanged. `full_state_dict()` gathers ZeRO-3 shards into plain fp32 tensors (and
+changes nothing: the loop builds its own whole copy where it needs one); the `python -m ssl_zoo.export` tool
+does the same from a checkpoint without a process group.
 
 bf16 is DeepSpeed's `torch_autocast` mode: fp32 master weights in the module, matmuls in bf16. Unlike its
 `bf16` mode it casts no module and no input, so a method's frozen parts and fp32 targets work unchanged.
@@ -25,9 +26,9 @@ from omegaconf import DictConfig
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine import memory_model
 from ssl_zoo.engine.params import replicate_frozen_parameters
-from ssl_zoo.engine.strategy import (StepResult, build_optimizer, detached_mean, lr_factor, resolve_precision,
+from ssl_zoo.engine.strategy import (StepSkeleton, build_optimizer, lr_factor, resolve_precision,
                                      set_activation_checkpointing)
-from ssl_zoo.method import Method
+from ssl_zoo.method import Method, StepOutput
 from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
 
 #: sub-directory of a checkpoint that holds DeepSpeed's files, and the tag DeepSpeed files them under
@@ -76,7 +77,7 @@ def _import_deepspeed(device: torch.device) -> Any:
     return deepspeed
 
 
-class DeepSpeedStrategy:
+class DeepSpeedStrategy(StepSkeleton):
     """One optimiser step per `step()` through a DeepSpeed engine; every rank calls every method."""
 
     def __init__(self, cfg: DictConfig, method: Method, device: torch.device) -> None:
@@ -115,24 +116,27 @@ class DeepSpeedStrategy:
             model=method, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.method: Method = self.engine.module
-        self.stage3 = self.trainer.zero_stage == 3
+        self.shards_parameters = self.trainer.zero_stage == 3
 
-    def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
-        """DeepSpeed's engine skips a step whose gradient norm is not finite (its overflow check, which reads
-        the norm on the host: DeepSpeed's own synchronisation) and then holds the schedule back one step."""
+    def _train_mode(self) -> None:
         self.engine.train()
-        lr, outputs = float(self.scheduler.get_last_lr()[0]), []
-        for batch in micro_batches:
-            out = self.engine(batch, step)
-            self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
-            self.engine.step()  # a no-op except at the accumulation boundary
-            outputs.append({"loss": out.loss, **out.metrics})
-        totals = {**detached_mean(outputs), "lr": lr}
+
+    def _current_lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def _forward_backward(self, batch: dict[str, Any], step: int, last: bool, count: int) -> StepOutput:
+        out = self.engine(batch, step)
+        self.engine.backward(out.loss)  # DeepSpeed divides by the accumulation steps itself
+        self.engine.step()  # a no-op except at the accumulation boundary
+        return out
+
+    def _optimizer_step(self, finite_loss: torch.Tensor) -> tuple[float | None, torch.Tensor]:
+        """The engine has stepped already (at the last micro-batch). It skips a step whose gradient norm is not
+        finite, as a non-finite loss makes it (its overflow check, which reads the norm on the host: DeepSpeed's
+        own synchronisation), and then holds the schedule back one step."""
         norm = self.engine.get_global_grad_norm()
-        if norm is not None and self.trainer.grad_clip > 0:
-            totals["grad_norm"] = float(norm)
-        skipped = torch.tensor(not self.engine.was_step_applied(), device=self.device)
-        return StepResult(loss=totals.pop("loss"), metrics=totals, skipped=skipped)
+        return (None if norm is None else float(norm)), torch.tensor(not self.engine.was_step_applied(),
+                                                                      device=self.device)
 
     def save(self, directory: Path) -> None:
         self.engine.save_checkpoint(str(directory / ZERO_DIR), tag=ZERO_TAG, save_latest=False)
@@ -147,22 +151,13 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory / ZERO_DIR}")
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every rank calls this (ZeRO-3 gathers collectively); full fp32 weights on every rank.
-
-        Under ZeRO-3 the live module holds only this rank's shard, so rank 0 also swaps `self.method` for a
-        plain copy holding the gathered weights: the end-of-run pictures and summary then run on rank 0 alone.
-        """
-        if not self.stage3:
+        """Every rank calls this (ZeRO-3 gathers collectively); full fp32 weights on every rank."""
+        if not self.shards_parameters:
             return {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(list(self.method.parameters()), modifier_rank=None):
-            state = {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
-        if dist.rank() == 0:
-            plain = METHODS.get(self.cfg.method.name)(self.cfg)
-            plain.load_state_dict(state)
-            self.method = plain.to(self.device)
-        return state
+            return {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
 
 
 @STRATEGIES.register("deepspeed")

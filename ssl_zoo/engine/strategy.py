@@ -1,14 +1,10 @@
 """Training strategies: how one optimiser step is taken and how its state is saved.
 
-The loop in `ssl_zoo/train.py` knows only this interface, so a strategy that shards the optimiser (DeepSpeed
-ZeRO) plugs in beside the plain one by registering in `STRATEGIES`:
-
-- `step(micro_batches, step) -> StepResult`: forward, backward, clip, optimiser and schedule for one step,
-  with no host synchronisation: the loss and metrics stay tensors on the device (the loop reads them at log
-  steps), and a step whose loss or gradients are not finite is skipped on the device (`StepResult.skipped`);
-- `save(dir)` / `load(dir)`: every rank calls them on the checkpoint directory being written / read;
-- `full_state_dict()`: the method's full weights (on rank 0 at least), for export;
-- `method`: the unwrapped method, for pictures and summaries.
+The loop in `ssl_zoo/train.py` is written against the `Strategy` protocol only, so a strategy that shards the
+optimiser (DeepSpeed ZeRO) plugs in beside the plain one by registering a builder in `STRATEGIES`. The step
+itself is one skeleton (`StepSkeleton`: micro-batches, metric means, the finite-loss check, the lr and
+gradient-norm metrics) whose backends fill four hooks; the plain torch one is here, DeepSpeed's in
+`deepspeed_strategy.py`.
 """
 from __future__ import annotations
 
@@ -16,7 +12,7 @@ import contextlib
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -34,6 +30,68 @@ class StepResult:
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor | float]
     skipped: torch.Tensor  # bool: the loss or a gradient was not finite, so no parameter changed
+
+
+class Strategy(Protocol):
+    """What the training loop needs of a strategy.
+
+    - `step(micro_batches, step) -> StepResult`: forward, backward, clip, optimiser and schedule for one step,
+      with no host synchronisation: the loss and metrics stay tensors on the device (the loop reads them at
+      log steps), and a step whose loss or gradients are not finite is skipped on the device;
+    - `save(dir)` / `load(dir)`: every rank calls them on the checkpoint directory being written / read;
+    - `full_state_dict()`: the method's full weights on rank 0 at least (every rank calls it: ZeRO-3 gathers);
+      it changes nothing, the live method included;
+    - `method`: the unwrapped method (pictures, summaries, kNN monitor);
+    - `shards_parameters`: the live method holds only this rank's shard of the parameters (ZeRO-3), so work on
+      the whole model at the end of a run uses a copy built from `full_state_dict()`.
+    """
+
+    method: Method
+    shards_parameters: bool
+
+    def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult: ...
+
+    def save(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+class StepSkeleton:
+    """The optimiser step every backend shares; a backend fills the four hooks below."""
+
+    trainer: DictConfig
+    method: Method
+
+    def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
+        self._train_mode()
+        lr, outputs = self._current_lr(), []
+        for i, batch in enumerate(micro_batches):
+            out = self._forward_backward(batch, step, last=i == len(micro_batches) - 1, count=len(micro_batches))
+            outputs.append({"loss": out.loss, **out.metrics})
+        totals = detached_mean(outputs)
+        norm, skipped = self._optimizer_step(torch.isfinite(totals["loss"]))
+        if norm is not None and self.trainer.grad_clip > 0:
+            totals["grad_norm"] = norm
+        totals["lr"] = lr
+        return StepResult(loss=totals.pop("loss"), metrics=totals, skipped=skipped)
+
+    def _train_mode(self) -> None:
+        self.method.train()
+
+    def _current_lr(self) -> float | torch.Tensor:
+        """The lr this step uses (of the first parameter group), read before the schedule moves on."""
+        raise NotImplementedError
+
+    def _forward_backward(self, batch: dict[str, Any], step: int, last: bool, count: int) -> StepOutput:
+        """One micro-batch's forward and backward (of `count`; `last` closes the accumulation)."""
+        raise NotImplementedError
+
+    def _optimizer_step(self, finite_loss: torch.Tensor) -> tuple[torch.Tensor | float | None, torch.Tensor]:
+        """Clip, step the optimiser and the schedule unless the step is bad; return (gradient norm or None,
+        skipped: a bool tensor, the same on every rank)."""
+        raise NotImplementedError
 
 
 #: CPU flags of the instructions that make bf16 matmuls fast (Intel AMX tiles, AVX512-BF16 dot products)
@@ -137,8 +195,10 @@ def set_activation_checkpointing(module: torch.nn.Module, enabled: bool) -> int:
     return len(outermost)
 
 
-class TorchStrategy:
+class TorchStrategy(StepSkeleton):
     """One process, or DDP across processes (gloo on CPU, nccl on GPUs)."""
+
+    shards_parameters = False
 
     def __init__(self, cfg: DictConfig, method: Method, device: torch.device) -> None:
         self.cfg, self.trainer, self.device = cfg, cfg.trainer, device
@@ -160,28 +220,25 @@ class TorchStrategy:
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
-    def step(self, micro_batches: list[dict[str, Any]], step: int) -> StepResult:
-        self.method.train()
-        outputs = []
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with self._autocast():
-                    out: StepOutput = self.model(batch, step)
-                self.scaler.scale(out.loss / len(micro_batches)).backward()
-            outputs.append({"loss": out.loss, **out.metrics})
-        totals = detached_mean(outputs)
+    def _current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def _forward_backward(self, batch: dict[str, Any], step: int, last: bool, count: int) -> StepOutput:
+        sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+        with sync:
+            with self._autocast():
+                out: StepOutput = self.model(batch, step)
+            self.scaler.scale(out.loss / count).backward()
+        return out
+
+    def _optimizer_step(self, finite_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.scaler.unscale_(self.optimizer)
         norm = grad_norm(self.params, self.trainer.grad_clip)
-        skipped = ~(torch.isfinite(norm) & torch.isfinite(totals["loss"]))
+        skipped = ~(torch.isfinite(norm) & finite_loss)
         if dist.world_size() > 1:  # the losses differ by rank: every rank must skip the same steps
             skipped = skipped.to(torch.int32)
             torch.distributed.all_reduce(skipped, op=torch.distributed.ReduceOp.MAX)
             skipped = skipped.bool()
-        if self.trainer.grad_clip > 0:
-            totals["grad_norm"] = norm.detach()
-        totals["lr"] = self.optimizer.param_groups[0]["lr"]
         if self.scaler.is_enabled():  # fp16: the scaler skips steps with inf gradients itself
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -191,7 +248,7 @@ class TorchStrategy:
             del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return StepResult(loss=totals.pop("loss"), metrics=totals, skipped=skipped)
+        return norm.detach(), skipped
 
     def save(self, directory: Path) -> None:
         if dist.rank() == 0:
@@ -220,7 +277,7 @@ def build_torch_strategy(cfg: DictConfig, method: Method, device: torch.device) 
     return TorchStrategy(cfg, method, device)
 
 
-def build_strategy(cfg: DictConfig, method: Method, device: torch.device) -> Any:
+def build_strategy(cfg: DictConfig, method: Method, device: torch.device) -> Strategy:
     name = cfg.trainer.strategy
     if name == "auto":
         name = "ddp" if dist.world_size() > 1 else "single"

@@ -8,6 +8,7 @@ import pytest
 from ssl_zoo.config import ConfigError, load_config
 import ssl_zoo_peco
 from ssl_zoo.registry import METHODS
+from ssl_zoo.run import stage_config
 from ssl_zoo_peco.beit import build_beit
 from ssl_zoo_peco.config import tokenizer_image_size
 
@@ -19,21 +20,23 @@ def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_s
     cfg = load_config(["method=peco", "output_dir=/tmp/x", "method.tokenizer_training.max_steps=7"])
     stages = METHODS.get("peco").stages(cfg)
     assert [s.name for s in stages] == ["tokenizer", "mim"]
-    assert stages[0].overrides[0] == "method=peco_tokenizer"
-    assert "trainer.max_steps=7" in stages[0].overrides and "trainer.betas=[0.9,0.99]" in stages[0].overrides
-    assert stages[1].overrides == ("method.tokenizer.checkpoint='/tmp/x/tokenizer/export/method.safetensors'",)
+    assert stages[0].method == "peco_tokenizer" and stages[1].method is None
+    assert stages[0].settings["trainer.max_steps"] == 7 and list(stages[0].settings["trainer.betas"]) == [0.9, 0.99]
+    assert stages[1].settings == {"method.tokenizer.checkpoint": "/tmp/x/tokenizer/export/method.safetensors"}
     # the stage configs compose: user overrides for PeCo are valid in both stages
     user = ["method=peco", "output_dir=/tmp/x", "method.mask.num_masked=10"]
     for stage in stages:
-        stage_cfg = load_config([*user, *stage.overrides])
-        assert stage_cfg.method.mask.num_masked == 10
-    first = load_config([*user, *stages[0].overrides])
+        stage_cfg = stage_config(user, stage, f"/tmp/x/{stage.name}")
+        assert stage_cfg.method.mask.num_masked == 10 and stage_cfg.output_dir == f"/tmp/x/{stage.name}"
+    first = stage_config(user, stages[0], "/tmp/x/tokenizer")
     assert first.method.name == "peco_tokenizer" and first.trainer.max_steps == 7
     assert list(first.trainer.betas) == [0.9, 0.99]  # tokenizer_training, not stage 2's (0.9, 0.999)
+    # every key of tokenizer_training becomes the trainer key of that name in stage 1 (derived from its schema)
+    assert all(first.trainer[key] == value for key, value in first.method.tokenizer_training.items())
     # activation checkpointing is the ViT's setting: stage 2 keeps it, the conv tokenizer of stage 1 has no hook
     user.append("trainer.activation_checkpointing=true")
-    assert not load_config([*user, *stages[0].overrides]).trainer.activation_checkpointing
-    assert load_config([*user, *stages[1].overrides]).trainer.activation_checkpointing
+    assert not stage_config(user, stages[0], "/tmp/x/tokenizer").trainer.activation_checkpointing
+    assert stage_config(user, stages[1], "/tmp/x/mim").trainer.activation_checkpointing
 
 
 def test_with_a_checkpoint_it_is_a_single_run() -> None:
@@ -71,7 +74,7 @@ def test_paper_recipes_compose_and_build_on_meta(experiment: str) -> None:
     epochs = 800 if "800ep" in experiment else 300
     assert cfg.trainer.max_steps == round(epochs * 1281167 / 2048)
     assert cfg.trainer.lr == 1.5e-3 and cfg.trainer.weight_decay == 0.05 and cfg.trainer.grad_clip == 3.0
-    stage1 = load_config(["method=peco", f"experiment={experiment}", "data.root=/imagenet/train",
-                          *METHODS.get("peco").stages(cfg)[0].overrides])
+    stage1 = stage_config(["method=peco", f"experiment={experiment}", "data.root=/imagenet/train"],
+                          METHODS.get("peco").stages(cfg)[0], "/tmp/x/tokenizer")
     assert stage1.method.name == "peco_tokenizer" and list(stage1.trainer.betas) == [0.5, 0.9]
     assert stage1.method.tokenizer.autoencoder.base_width == 128
