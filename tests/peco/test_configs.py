@@ -32,7 +32,7 @@ def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_s
     assert first.method.name == "peco_tokenizer" and first.trainer.max_steps == 7
     assert list(first.trainer.betas) == [0.9, 0.99]  # tokenizer_training, not stage 2's (0.9, 0.999)
     # every key of tokenizer_training becomes the trainer key of that name in stage 1 (derived from its schema)
-    assert all(first.trainer[key] == value for key, value in first.method.tokenizer_training.items())
+    assert all(first.trainer[key] == value for key, value in cfg.method.tokenizer_training.items())
     # activation checkpointing is the ViT's setting: stage 2 keeps it, the conv tokenizer of stage 1 has no hook
     user.append("trainer.activation_checkpointing=true")
     assert not stage_config(user, stages[0], "/tmp/x/tokenizer").trainer.activation_checkpointing
