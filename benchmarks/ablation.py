@@ -44,8 +44,11 @@ FROM_RUN = {("crop_id", "knn"), ("crop_id", "linear")}  # read from the main job
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="The defaults aim at <= 30 minutes on 2 CPU cores (not yet timed on a quiet machine); "
-                                "--quick or fewer --seeds/--protocols and --tokenizer-steps/--mim-steps give a shorter run.")
+                                epilog="Cost (estimated from the quiet main job, not timed): each pretraining run is one main job "
+                                "(~200 s on 2 quiet cores), each fine-tuning ~4 min per 100 steps; so 3 seeds of peco + pixel "
+                                "take ~21 min with --protocols knn linear, ~55 min with the default fine-tuning. --quick, "
+                                "fewer --seeds/--protocols, --finetune-steps and --tokenizer-steps/--mim-steps give a shorter "
+                                "run (the same steps for every variant).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["peco", "pixel", "random"], choices=list(VARIANTS))
     p.add_argument("--protocols", nargs="+", default=["knn", "linear", "finetune"], choices=["knn", "linear", "finetune"])
