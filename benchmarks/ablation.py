@@ -5,9 +5,11 @@
 Variants, all at the same compute (the same steps, batch and model in both stages; only the stage-1 loss weights
 differ): `peco` (pixel + perceptual codebook), `pixel` (perceptual weight 0: BEiT-style VQ target), `perceptual`
 (pixel weight 0, optional), `random` (no pretraining: the same ViT at random initialisation). Each pretraining
-run is the real main job (`python -m ssl_zoo.run method=peco ...`) and each score the real evaluator
-(`python -m ssl_zoo.eval`): kNN, linear probe and fine-tuning on crop_id (and Fashion-MNIST when its Debian
-package is installed), over several seeds, with mean and standard deviation. Per tokenizer: its held-out PSNR
+run is the real main job (`python -m ssl_zoo.run method=peco ...`); its own end-of-run score gives kNN and
+linear probe on crop_id for the backbone and, from the same pass, for the same ViT at random initialisation
+(the `random` variant: same seed, so the same weights for every variant); fine-tuning on crop_id and every
+protocol on Fashion-MNIST (when its Debian package is installed) go through `python -m ssl_zoo.eval`. Over
+several seeds, with mean and standard deviation. Per tokenizer: its held-out PSNR
 (from stage 1's summary) and a linear probe on each crop's bag-of-codes histogram, the paper's "tokens carry
 semantics" claim as a number. Writes benchmarks/results/ablation-<time>.{json,png,md}.
 
@@ -37,12 +39,16 @@ VARIANTS = {  # stage-1 loss overrides
     "random": None,  # no pretraining
 }
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FROM_RUN = {("crop_id", "knn"), ("crop_id", "linear")}  # read from the main job's end-of-run score
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="The defaults aim at <= 30 minutes on 2 CPU cores (not yet timed on a quiet machine); "
-                                "--quick or fewer --seeds/--protocols and --tokenizer-steps/--mim-steps give a shorter run.")
+                                epilog="Cost (estimated from the quiet main job, not timed): each pretraining run is one main job "
+                                "(~200 s on 2 quiet cores), each fine-tuning ~4 min per 100 steps; so 3 seeds of peco + pixel "
+                                "take ~21 min with --protocols knn linear, ~55 min with the default fine-tuning. --quick, "
+                                "fewer --seeds/--protocols, --finetune-steps and --tokenizer-steps/--mim-steps give a shorter "
+                                "run (the same steps for every variant).")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--variants", nargs="+", default=["peco", "pixel", "random"], choices=list(VARIANTS))
     p.add_argument("--protocols", nargs="+", default=["knn", "linear", "finetune"], choices=["knn", "linear", "finetune"])
@@ -71,15 +77,28 @@ def _python(module: str, *overrides: str) -> None:
 
 
 def pretrain(variant: str, seed: int, args: argparse.Namespace) -> Path:
+    """One main job; a run of `--work` that already has its end-of-run score is reused, so the same command
+    after an interruption continues where it stopped (a half-finished run resumes from its checkpoints)."""
     run = args.work / f"{variant}-s{seed}"
+    summary = run / "mim" / "summary.json"
+    if summary.is_file() and "linear_top1" in json.loads(summary.read_text()):
+        return run
     steps = []
     if args.tokenizer_steps:
         steps.append(f"method.tokenizer_training.max_steps={args.tokenizer_steps}")
     if args.mim_steps:
         steps.append(f"trainer.max_steps={args.mim_steps}")
-    _python("ssl_zoo.run", "method=peco", f"seed={seed}", f"output_dir={run}", "trainer.eval_at_end=false",
+    _python("ssl_zoo.run", "method=peco", f"seed={seed}", f"output_dir={run}", "trainer.eval_at_end=true",
             "trainer.progress=false", *steps, *VARIANTS[variant])
     return run
+
+
+def end_of_run_scores(run: Path) -> dict[str, dict[str, float]]:
+    """The main job's crop_id kNN and linear top-1 (ssl_zoo/evaluation/frozen.py: final_scores), for the
+    backbone and for its architecture at random init: {"trained": {...}, "random": {...}}."""
+    summary = json.loads((run / "mim" / "summary.json").read_text())
+    return {"trained": {p: summary[f"{p}_top1"] for p in ("knn", "linear")},
+            "random": {p: summary[f"{p}_random_init"] for p in ("knn", "linear")}}
 
 
 def evaluate(run: Path | None, architecture: Path, protocol: str, data: str, seed: int,
@@ -142,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     datasets = ["crop_id"] + (["fashion_mnist"] if FASHION_MNIST_DIR.is_dir() and not args.no_fashion_mnist else [])
     rows: dict[str, dict[str, list[float]]] = {v: {} for v in args.variants}
     runs: dict[int, Path] = {}
-    for seed in args.seeds:
+    base = args.out / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
+    for done, seed in enumerate(args.seeds, start=1):
         for variant in args.variants:
             if variant == "random":
                 continue
@@ -151,34 +171,41 @@ def main(argv: list[str] | None = None) -> int:
             stage1 = json.loads((run / "tokenizer" / "summary.json").read_text())
             rows[variant].setdefault("tokenizer_psnr", []).append(stage1["heldout_psnr"])
             rows[variant].setdefault("bag_of_codes_linear", []).append(bag_of_codes_probe(run, seed))
+            scores = end_of_run_scores(run)
             for data in datasets:
                 for protocol in args.protocols:
-                    rows[variant].setdefault(f"{data}_{protocol}", []).append(evaluate(run, run, protocol, data, seed, args))
+                    value = (scores["trained"][protocol] if (data, protocol) in FROM_RUN
+                             else evaluate(run, run, protocol, data, seed, args))
+                    rows[variant].setdefault(f"{data}_{protocol}", []).append(value)
             print(f"[{time.perf_counter() - started:.0f}s] {variant} seed {seed}: "
                   f"{ {k: round(v[-1], 4) for k, v in rows[variant].items()} }", flush=True)
         if "random" in args.variants:
             architecture = runs.get(seed) or pretrain("peco", seed, args)
+            scores = end_of_run_scores(architecture)
             for data in datasets:
                 for protocol in args.protocols:
-                    rows["random"].setdefault(f"{data}_{protocol}", []).append(
-                        evaluate(None, architecture, protocol, data, seed, args))
-    result = {
-        "command": "python -m benchmarks.ablation " + " ".join(sys.argv[1:] if argv is None else argv),
-        "short_run": bool(args.quick or args.tokenizer_steps or args.mim_steps),
-        "seeds": args.seeds, "datasets": datasets, "protocols": args.protocols,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "results": {v: {k: mean_std(vals) for k, vals in cols.items()} for v, cols in rows.items()},
-    }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    args.out.mkdir(parents=True, exist_ok=True)
-    base = args.out / f"ablation-{stamp}"
+                    value = (scores["random"][protocol] if (data, protocol) in FROM_RUN
+                             else evaluate(None, architecture, protocol, data, seed, args))
+                    rows["random"].setdefault(f"{data}_{protocol}", []).append(value)
+        result = {
+            "command": "python -m benchmarks.ablation " + " ".join(sys.argv[1:] if argv is None else argv),
+            "short_run": bool(args.quick or args.tokenizer_steps or args.mim_steps),
+            "seeds": args.seeds[:done], "seeds_asked": args.seeds, "datasets": datasets,
+            "protocols": args.protocols, "wall_time_s": round(time.perf_counter() - started, 1),
+            "results": {v: {k: mean_std(vals) for k, vals in cols.items()} for v, cols in rows.items()},
+        }
+        write_outputs(result, base)  # after every seed: an interrupted run keeps what it measured
+    return 0
+
+
+def write_outputs(result: dict[str, Any], base: Path) -> None:
+    base.parent.mkdir(parents=True, exist_ok=True)
     base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     table = markdown_table(result)
     base.with_suffix(".md").write_text(table + "\n")
     plot(result, base.with_suffix(".png"))
     print(table)
-    print(f"wrote {base}.json, .md, .png")
-    return 0
+    print(f"wrote {base}.json, .md, .png", flush=True)
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -188,6 +215,8 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [f"{cols[c]['mean']:.3f} ± {cols[c]['std']:.3f}" if c in cols else "-" for c in columns]
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     note = " (SHORT RUN: not the full ablation)" if result["short_run"] else ""
+    if result.get("seeds_asked", result["seeds"]) != result["seeds"]:
+        note += f" (PARTIAL: seeds {result['seeds_asked']} asked)"
     lines.append(f"\nmean ± std over seeds {result['seeds']}{note}; `{result['command']}`, {result['wall_time_s']} s")
     return "\n".join(lines)
 

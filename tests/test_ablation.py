@@ -1,12 +1,13 @@
 """The ablation tool's bookkeeping: mean and spread over seeds, a table that labels short runs, a plot."""
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import markdown_table, mean_std, parse_args, plot
+from benchmarks.ablation import end_of_run_scores, markdown_table, mean_std, parse_args, plot
 
 
 def test_mean_and_sample_spread() -> None:
@@ -27,3 +28,11 @@ def test_quick_is_one_seed_without_finetuning_and_its_table_says_short_run(tmp_p
     assert table.splitlines()[-3].startswith("| random |") and "| - |" in table.splitlines()[-3] + " |"
     plot(result, tmp_path / "ablation.png")
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_end_of_run_scores_keep_the_backbone_and_random_init_apart(tmp_path: Path) -> None:
+    (tmp_path / "mim").mkdir()
+    summary = {"knn_top1": 0.61, "knn_random_init": 0.52, "linear_top1": 0.70, "linear_random_init": 0.63}
+    (tmp_path / "mim" / "summary.json").write_text(json.dumps(summary))
+    scores = end_of_run_scores(tmp_path)
+    assert scores == {"trained": {"knn": 0.61, "linear": 0.70}, "random": {"knn": 0.52, "linear": 0.63}}
