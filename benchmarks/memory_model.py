@@ -4,11 +4,15 @@
 
 Every case is a fresh pair of processes (2 ranks over gloo) training the real pretraining step (PeCo MIM on
 a random-weight tokenizer of the configured size, synthetic images) through the real DeepSpeed engine for
-`--steps` steps. Each rank measures its own peak resident memory (VmHWM) from just before the method is
-built, against its resident memory at that point (imports, process group, the batch and a warm-up step of a
-throwaway copy, which maps the kernels' code, are already there),
-with glibc told to map large blocks (`MALLOC_ENV`) so that RSS follows the live tensors. The model's figure
-comes from the parameter counts of the built method and the model section, as the dry run computes it.
+`--steps` steps. Each rank measures the peak of the tensor memory its CPU allocator hands out from just before
+the method is built (what `torch.cuda.max_memory_allocated` is on a GPU, and what the model counts): torch's
+profiler with `profile_memory` reports every allocation with the running total. Resident memory (VmHWM over
+the same window, with glibc told to map large blocks, `MALLOC_ENV`) is written beside it: it also holds what
+no GPU would (oneDNN's and gloo's buffers, the Python heap) and, for DeepSpeed's buckets allocated whole, only
+the pages written. `--zero` sets DeepSpeed `zero_optimization` keys for the run and the model alike (the
+default shrinks the buckets to a size comparable with these small models, so that the rest is checked; `{}`
+keeps DeepSpeed's defaults, whose 2 GB bucket then dominates). The model's figure comes from the parameter
+counts of the built method, the model section and those keys, as the dry run computes it.
 Prints a table and writes `memory_model-<time>.json`.
 """
 from __future__ import annotations
@@ -31,6 +35,9 @@ MODELS = {
     "vit_tiny": (["model=beit_tiny", "model.img_size=128"], 32),
     "vit_small": (["model=beit_small", "model.img_size=128"], 16),
 }
+#: the `zero_optimization` keys of the check (elements): buckets of a size comparable with ViT-Tiny/Small
+SMALL_BUCKETS = {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
+                 "stage3_prefetch_bucket_size": 2_000_000}
 BASE = ["method=peco", "data=synthetic", "data.image_size=128", "trainer.device=cpu", "trainer.strategy=deepspeed",
         "trainer.warmup_steps=1", "trainer.log_every=1", "method.mask.num_masked=26", "method.mask.min_block=4"]
 
@@ -42,6 +49,7 @@ def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> N
 
     torch.set_num_threads(1)
     from benchmarks.throughput_memory import MemoryProbe
+    from ssl_zoo.engine import deepspeed_strategy
     from benchmarks.throughput_step import _random_tokenizer
     from ssl_zoo.config import load_config
     from ssl_zoo.data.loader import make_loader
@@ -63,26 +71,50 @@ def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> N
     batch = next(make_loader(dataset, cfg.trainer.batch_size, 0, cfg.seed, rank, world, start=0))
     batch.pop("skipped_images", None)
     _warm_up(method_cls, cfg, batch)
+    written = deepspeed_strategy.deepspeed_config
+
+    def with_zero_keys(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        config = written(*args, **kwargs)
+        config["zero_optimization"].update(case["zero"])
+        return config
+
+    deepspeed_strategy.deepspeed_config = with_zero_keys
     probe = MemoryProbe(device)
     baseline = probe.reset()
-    seed_everything(cfg.seed)
-    method = method_cls(cfg)
-    trainable, frozen, _ = count_parameters(method)
-    from ssl_zoo.engine.strategy import build_strategy
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        seed_everything(cfg.seed)
+        method = method_cls(cfg)
+        trainable, frozen, _ = count_parameters(method)
+        from ssl_zoo.engine.strategy import build_strategy
 
-    strategy = build_strategy(cfg, method, device)
-    method.on_train_start(batch)
-    for step in range(case["steps"]):
-        strategy.step([batch], step)
-    measured = (probe.peak() - baseline) * MIB
+        strategy = build_strategy(cfg, method, device)
+        method.on_train_start(batch)
+        for step in range(case["steps"]):
+            strategy.step([batch], step)
+    rss = (probe.peak() - baseline) * MIB
+    measured = _allocated_peak(prof)
     trainer = cfg.trainer
     model = estimate(trainable, frozen, world, trainer.zero_stage, cfg.model, trainer.batch_size,
                      bf16=trainer.precision == "bf16", checkpointing=trainer.activation_checkpointing,
-                     frozen_forward=method_cls.frozen_forward_bytes(cfg, trainer.batch_size), device_type="cpu")
-    result = {"rank": rank, "measured_mib": measured / MIB, "model_mib": model.total / MIB,
+                     frozen_forward=method_cls.frozen_forward_bytes(cfg, trainer.batch_size), zero=case["zero"])
+    result = {"rank": rank, "measured_mib": measured / MIB, "rss_mib": rss / MIB, "model_mib": model.total / MIB,
               "parts_mib": {k: (v or 0) / MIB for k, v in vars(model).items()}, "trainable": trainable,
               "frozen": frozen}
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def _allocated_peak(prof: Any) -> float:
+    """The largest running total of allocated CPU tensor bytes over the profiled window (the profiler counts
+    the blocks allocated inside it; frees of earlier blocks are not subtracted)."""
+    from torch._C._profiler import _EventType
+
+    peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if event.tag == _EventType.Allocation:
+            peak = max(peak, event.extra_fields.total_allocated)
+    return float(peak)
 
 
 def _warm_up(method_cls: Any, cfg: Any, batch: dict[str, Any]) -> None:
@@ -113,6 +145,7 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
     measured = max(r["measured_mib"] for r in ranks)
     return {**case, "measured_mib_per_rank": [round(r["measured_mib"], 1) for r in ranks],
+            "rss_mib_per_rank": [round(r["rss_mib"], 1) for r in ranks],
             "model_mib": round(ranks[0]["model_mib"], 1), "parts_mib": ranks[0]["parts_mib"],
             "model_over_measured": round(ranks[0]["model_mib"] / measured, 3),
             "trainable": ranks[0]["trainable"], "frozen": ranks[0]["frozen"]}
@@ -126,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", nargs="+", default=["false", "true"])
     parser.add_argument("--batch", type=int, help="per-rank micro-batch for every model (default: the model's)")
     parser.add_argument("--steps", type=int, default=3, help="training steps per case (the first creates Adam)")
+    parser.add_argument("--zero", type=json.loads, default=SMALL_BUCKETS,
+                        help="DeepSpeed zero_optimization keys as JSON, for the runs and the model (default: "
+                             f"{json.dumps(SMALL_BUCKETS)}; '{{}}': DeepSpeed's defaults)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     os.environ.update(MALLOC_ENV, DS_ACCELERATOR="cpu")  # inherited by the spawned ranks
@@ -137,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides, batch = MODELS[name]
         batch = args.batch or batch
         case = {"model": name, "zero_stage": stage, "precision": precision, "recompute": recompute == "true",
-                "batch": batch, "steps": args.steps,
+                "batch": batch, "steps": args.steps, "zero": args.zero,
                 "overrides": [*BASE, *overrides, f"trainer.batch_size={batch}", f"trainer.zero_stage={stage}",
                               f"trainer.precision={precision}", f"trainer.activation_checkpointing={recompute}"]}
         result = run_case(case)

@@ -198,10 +198,12 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
         cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=trainer.offload_optimizer)
     bf16 = resolve_precision(trainer.precision, torch.device("cuda")) == torch.bfloat16
     frozen_forward = METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, trainer.batch_size)
+    zero = deepspeed_config(trainer, nodes * gpus, "cuda")["zero_optimization"]
     model = memory_model.estimate(trainable, frozen, nodes * gpus, trainer.zero_stage, cfg.model, trainer.batch_size,
                                   bf16, trainer.activation_checkpointing, trainer.offload_optimizer,
-                                  trainer.offload_params, frozen_forward)
+                                  trainer.offload_params, frozen_forward, zero)
     return {"counted": built, "trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
+            "zero_optimization": zero,
             "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30,
             "model_gib_per_gpu": model.total / 2**30, "model_parts_gib": model.as_gib()}
 
@@ -223,7 +225,8 @@ def memory_fit_table(cfg: DictConfig, counts: dict[str, Any], world: int, gpu_gi
                 gib = memory_model.estimate(counts["trainable_params"], counts["frozen_params"], world, stage,
                                             cfg.model, b, bf16, recompute, trainer.offload_optimizer,
                                             trainer.offload_params and stage == 3,
-                                            METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, b)).total / 2**30
+                                            METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, b),
+                                            counts["zero_optimization"]).total / 2**30
                 cells.append(f"{gib:.1f}{' *' if gib <= gpu_gib else ''}")
             lines.append(f"| {stage} | {'on' if recompute else 'off'} | " + " | ".join(cells) + " |")
     return lines

@@ -1,18 +1,24 @@
-"""Per-rank memory of a training run, from parameter counts and the model section: what `launcher.dry_run`
-prints for a recipe, and what `python -m benchmarks.memory_model` checks against per-rank peaks measured on
-CPU (the figures are in benchmarks/RESULTS.md).
+"""Per-rank memory of a training run, from parameter counts, the model section and DeepSpeed's ZeRO settings:
+what `launcher.dry_run` prints for a recipe, and what `python -m benchmarks.memory_model` checks against the
+per-rank peaks of allocated tensor memory measured on CPU (the figures are in benchmarks/RESULTS.md).
 
 DeepSpeed's estimators assume 16-bit module weights; here bf16 is `torch_autocast`, which keeps the module in
-fp32 and casts inside the forward, and they leave out activations and frozen networks. This model counts, per
-rank, with P trainable and F frozen parameters on N ranks (bytes):
+fp32 and casts inside the forward, and they leave out its buffers, activations and frozen networks. This model
+counts, per rank, with P trainable and F frozen parameters on N ranks (bytes), the ZeRO settings `z`
+(DeepSpeed's `DeepSpeedZeroConfig`, its defaults where the run sets nothing):
 
-- module weights, fp32: 4P under ZeRO-1/2; under ZeRO-3 this rank's slice 4P/N plus the parameters gathered
-  for the layers being computed (the prefetch bucket);
+- module weights, fp32: 4P under ZeRO-1/2 (one flat buffer the parameters are views of); under ZeRO-3 this
+  rank's partition 4P/N (none on the GPU with `offload_params`) plus the gathered whole parameters: a gathered
+  parameter is released after its module only if its next use (in backward) lies more than
+  `stage3_max_reuse_distance` elements of the trace ahead, so the last R/2 elements of the forward stay
+  gathered, at most `stage3_max_live_parameters`, at least the prefetch bucket;
 - fp32 master copy in the optimiser (DeepSpeed keeps one even of fp32 weights): 4P/N;
-- gradients, fp32: 4P under ZeRO-1 (whole until the step); ZeRO-2/3: the partition 4P/N plus the reduce
-  bucket (DeepSpeed allocates buckets whole on a GPU; on a CPU only min(P, bucket) elements are ever written);
-- AdamW moments: 8P/N (0 on the GPU with `offload_optimizer`, which moves master, moments and the partitioned
-  gradients to CPU memory);
+- gradients, fp32: 4P under ZeRO-1 (autograd's, whole until the reduction after backward); the partition 4P/N
+  under ZeRO-2 (`grads_in_partition`) and ZeRO-3 (`grad_partitions_flat_buffer`);
+- DeepSpeed's gradient buckets (`contiguous_gradients`): `reduce_bucket_size` elements, allocated whole, twice
+  under ZeRO-1/2 with `overlap_comm` (double buffering); ZeRO-3 allocates one at start-up and keeps it;
+- AdamW moments: 8P/N (master, moments and the partitioned gradients move to CPU memory with
+  `offload_optimizer`);
 - frozen networks: 4F, whole on every rank (ZeRO-3 keeps frozen parameters out of partitioning);
 - activations saved for backward, for a ViT model section (`embed_dim`, `depth`, `num_heads`, `img_size`,
   `patch_size`, `mlp_ratio`): per block and token, the tensors autograd keeps (see `vit_activation_bytes`);
@@ -25,19 +31,25 @@ rank, with P trainable and F frozen parameters on N ranks (bytes):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
-#: DeepSpeed's defaults (elements) for the buckets that hold whole gradients / gathered parameters at once
-REDUCE_BUCKET = 500_000_000
-PREFETCH_BUCKET = 50_000_000
 GIB = 2**30
+
+
+def zero_settings(stage: int, zero: Optional[Mapping[str, Any]] = None) -> Any:
+    """DeepSpeed's own reading of a `zero_optimization` section (its defaults for what it leaves out, e.g.
+    `overlap_comm` on under ZeRO-3 only), so the model uses the buckets the engine allocates."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    return DeepSpeedZeroConfig(**{**(zero or {}), "stage": stage})
 
 
 @dataclasses.dataclass
 class MemoryEstimate:
-    """Bytes per rank, by part; `total` is the modelled peak of a training step: the model states and frozen
-    weights, plus the larger of the backbone's activations and the frozen parts' no-grad forward (the method's
-    targets are computed before the backbone's forward, so the two are never alive together)."""
+    """Bytes per rank, by part; `total` is the modelled peak of a training step: the model states, DeepSpeed's
+    buckets and the frozen weights, plus the larger of the backbone's activations and the frozen parts' no-grad
+    forward (the method's targets are computed before the backbone's forward, so the two are never alive
+    together)."""
 
     weights: float
     master: float
@@ -46,6 +58,7 @@ class MemoryEstimate:
     frozen: float
     activations: Optional[float]  # None: the model section is not a ViT this model knows
     frozen_forward: float = 0.0
+    buckets: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -53,7 +66,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.frozen + max(self.activations or 0.0, self.frozen_forward)
+        return self.model_states + self.buckets + self.frozen + max(self.activations or 0.0, self.frozen_forward)
 
     def as_gib(self) -> dict[str, Any]:
         parts = dataclasses.asdict(self)
@@ -87,25 +100,26 @@ def vit_activation_bytes(model: Any, batch: int, bf16: bool, checkpointing: bool
 
 def estimate(trainable: int, frozen: int, world: int, zero_stage: int, model: Any, batch: int, bf16: bool,
              checkpointing: bool, offload_optimizer: bool = False, offload_params: bool = False,
-             frozen_forward: float = 0.0, device_type: str = "cuda") -> MemoryEstimate:
+             frozen_forward: float = 0.0, zero: Optional[Mapping[str, Any]] = None) -> MemoryEstimate:
     """The per-rank memory of one training step (see the module docstring for each term). `frozen_forward`:
-    the method's `frozen_forward_bytes`. DeepSpeed allocates its buckets whole; on `device_type="cpu"` only the
-    pages written count, i.e. min(P, bucket)."""
+    the method's `frozen_forward_bytes`; `zero`: the run's DeepSpeed `zero_optimization` section (None: the
+    one `deepspeed_config` writes, DeepSpeed's defaults)."""
     p, n = float(trainable), max(1, world)
-
-    def bucket(size: int) -> float:
-        return 4 * (min(p, size) if device_type == "cpu" else size)
-
+    z = zero_settings(zero_stage, zero)
+    bucket = 4.0 * z.reduce_bucket_size if z.contiguous_gradients else 0.0
     if zero_stage == 3:
-        weights = 0.0 if offload_params else 4 * p / n + bucket(PREFETCH_BUCKET)
+        gathered = min(p, max(z.max_reuse_distance / 2, z.prefetch_bucket_size), z.max_live_parameters)
+        weights = (0.0 if offload_params else 4 * p / n) + 4 * gathered
+        buckets = bucket
     else:
         weights = 4 * p
+        buckets = bucket * (2 if z.overlap_comm else 1)
     if zero_stage == 1:
         gradients = 4 * p
     else:
-        gradients = (0.0 if offload_optimizer else 4 * p / n) + bucket(REDUCE_BUCKET)
+        gradients = 0.0 if offload_optimizer else 4 * p / n
     master = 0.0 if offload_optimizer else 4 * p / n
     optimizer = 0.0 if offload_optimizer else 8 * p / n
     return MemoryEstimate(weights=weights, master=master, gradients=gradients, optimizer=optimizer,
                           frozen=4.0 * frozen, activations=vit_activation_bytes(model, batch, bf16, checkpointing),
-                          frozen_forward=frozen_forward * (0.5 if bf16 else 1.0))
+                          frozen_forward=frozen_forward * (0.5 if bf16 else 1.0), buckets=buckets)

@@ -26,6 +26,38 @@ def test_zero3_shards_weights_and_states_by_world_size() -> None:
     assert large.weights < small.weights
 
 
+def test_zero1_keeps_whole_gradients_zero2_and_3_their_partition() -> None:
+    whole, *parts = (estimate(P, 0, 8, stage, VIT_L, 8, bf16=True, checkpointing=True).gradients for stage in (1, 2, 3))
+    assert whole == 4 * P and parts == [4 * P / 8] * 2
+
+
+def test_gradient_buckets_are_counted_whole_doubled_by_overlap_comm_under_zero_1_and_2() -> None:
+    bucket = 3_000_000
+
+    def buckets(stage: int, **zero: object) -> float:
+        return estimate(P, 0, 8, stage, VIT_L, 8, bf16=True, checkpointing=True,
+                        zero={"reduce_bucket_size": bucket, **zero}).buckets
+
+    assert buckets(1) == buckets(2) == 4 * bucket  # DeepSpeed's default: no overlap_comm below stage 3
+    assert buckets(2, overlap_comm=True) == 8 * bucket  # double buffering
+    assert buckets(3) == 4 * bucket  # stage 3 (overlap_comm on by default) keeps one, allocated at start-up
+    assert buckets(2, contiguous_gradients=False) == 0
+    default = estimate(P, 0, 8, 2, VIT_L, 8, bf16=True, checkpointing=True)
+    assert default.buckets == 4 * 500_000_000 and default.total > default.model_states + default.buckets
+
+
+def test_zero3_keeps_parameters_gathered_within_the_reuse_distance() -> None:
+    def weights(**zero: object) -> float:
+        return estimate(P, 0, 8, 3, VIT_L, 8, bf16=True, checkpointing=True, zero=zero).weights
+
+    assert weights() == 4 * P / 8 + 4 * P  # DeepSpeed's 1e9 reuse distance exceeds ViT-L's whole trace
+    assert weights(stage3_max_reuse_distance=100_000_000) == 4 * P / 8 + 4 * 50_000_000
+    assert weights(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=1_000) == 4 * P / 8 + 4 * 1_000
+    assert weights(stage3_max_live_parameters=10_000_000) == 4 * P / 8 + 4 * 10_000_000
+    offloaded = estimate(P, 0, 8, 3, VIT_L, 8, bf16=True, checkpointing=True, offload_params=True)
+    assert offloaded.weights == 4 * P  # the partitions move to CPU memory, the gathered copies do not
+
+
 def test_recomputation_keeps_block_inputs_only() -> None:
     plain = vit_activation_bytes(VIT_L, 32, bf16=True, checkpointing=False)
     recomputed = vit_activation_bytes(VIT_L, 32, bf16=True, checkpointing=True)
@@ -35,7 +67,7 @@ def test_recomputation_keeps_block_inputs_only() -> None:
 
 def test_frozen_forward_and_activations_are_not_added() -> None:
     est = estimate(P, 10, 8, 2, VIT_L, 8, bf16=False, checkpointing=True, frozen_forward=1e12)
-    assert est.total == pytest.approx(est.model_states + est.frozen + 1e12)
+    assert est.total == pytest.approx(est.model_states + est.buckets + est.frozen + 1e12)
 
 
 @pytest.mark.e2e
@@ -47,6 +79,7 @@ def test_dry_run_prints_the_model_beside_deepspeeds_estimator_and_what_fits() ->
     model_line = next(line for line in out.splitlines() if line.startswith("#   memory model:"))
     estimator_line = next(line for line in out.splitlines() if line.startswith("#   DeepSpeed's estimator:"))
     model_gib, estimator_gib = (float(line.split(":")[1].split("GiB")[0]) for line in (model_line, estimator_line))
+    assert "DeepSpeed's buckets 1.863" in model_line  # ZeRO-2's 5e8-element reduce bucket, allocated whole
     assert model_gib > 303.1e6 * 4 / 2**30 > estimator_gib  # ViT-L's fp32 weights alone exceed the estimator's figure
     rows = [line for line in out.splitlines() if line.startswith("#   | 1 |") or line.startswith("#   | 3 |")]
     assert len(rows) == 4 and "what fits 16 GiB per GPU at global batch 2048" in out
