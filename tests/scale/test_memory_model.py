@@ -84,3 +84,17 @@ def test_dry_run_prints_the_model_beside_deepspeeds_estimator_and_what_fits() ->
     rows = [line for line in out.splitlines() if line.startswith("#   | 1 |") or line.startswith("#   | 3 |")]
     assert len(rows) == 4 and "what fits 16 GiB per GPU at global batch 2048" in out
     assert "*" in rows[-1] and not rows[0].endswith("* |")  # ZeRO-3 + recompute fits at 16 GiB; ZeRO-1's largest not
+
+
+def test_benchmark_reads_the_peak_of_allocated_tensor_memory() -> None:
+    import torch
+
+    from benchmarks.memory_model import _allocated_peak
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.ones(1_000_000)  # 4 MB
+        b = torch.empty(3_000_000)  # 12 MB, never written: allocated all the same (as DeepSpeed's buckets)
+        del a, b
+        c = torch.ones(2_000_000)  # 8 MB: below the earlier peak
+        del c
+    assert _allocated_peak(prof) == 16_000_000
