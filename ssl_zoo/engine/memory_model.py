@@ -13,8 +13,10 @@ counts, per rank, with P trainable and F frozen parameters on N ranks (bytes), t
   `stage3_max_reuse_distance` elements of the trace ahead, so the last R/2 elements of the forward stay
   gathered, at most `stage3_max_live_parameters`, at least the prefetch bucket;
 - fp32 master copy in the optimiser (DeepSpeed keeps one even of fp32 weights): 4P/N;
-- gradients, fp32: 4P under ZeRO-1 (autograd's, whole until the reduction after backward); the partition 4P/N
-  under ZeRO-2 (`grads_in_partition`) and ZeRO-3 (`grad_partitions_flat_buffer`);
+- gradients, fp32: the partition 4P/N under ZeRO-2 (`grads_in_partition`) and ZeRO-3
+  (`grad_partitions_flat_buffer`); under ZeRO-1 autograd's whole gradients, 4P, which DeepSpeed moves into its
+  bucket only after backward: they build up while backward frees the saved activations, so the peak takes the
+  larger of the two (`whole_gradients`), not their sum;
 - DeepSpeed's gradient buckets (`contiguous_gradients`): `reduce_bucket_size` elements, allocated whole, twice
   under ZeRO-1/2 with `overlap_comm` (double buffering); ZeRO-3 allocates one at start-up and keeps it;
 - AdamW moments: 8P/N (master, moments and the partitioned gradients move to CPU memory with
@@ -47,9 +49,9 @@ def zero_settings(stage: int, zero: Optional[Mapping[str, Any]] = None) -> Any:
 @dataclasses.dataclass
 class MemoryEstimate:
     """Bytes per rank, by part; `total` is the modelled peak of a training step: the model states, DeepSpeed's
-    buckets and the frozen weights, plus the larger of the backbone's activations and the frozen parts' no-grad
-    forward (the method's targets are computed before the backbone's forward, so the two are never alive
-    together)."""
+    buckets and the frozen weights, plus the largest of three that are never alive together: the backbone's
+    activations, the frozen parts' no-grad forward (the method's targets are computed before the backbone's
+    forward) and ZeRO-1's whole gradients (complete only once backward has freed the activations)."""
 
     weights: float
     master: float
@@ -59,6 +61,7 @@ class MemoryEstimate:
     activations: Optional[float]  # None: the model section is not a ViT this model knows
     frozen_forward: float = 0.0
     buckets: float = 0.0
+    whole_gradients: float = 0.0
 
     @property
     def model_states(self) -> float:
@@ -66,7 +69,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.buckets + self.frozen + max(self.activations or 0.0, self.frozen_forward)
+        transient = max(self.activations or 0.0, self.frozen_forward, self.whole_gradients)
+        return self.model_states + self.buckets + self.frozen + transient
 
     def as_gib(self) -> dict[str, Any]:
         parts = dataclasses.asdict(self)
@@ -114,12 +118,10 @@ def estimate(trainable: int, frozen: int, world: int, zero_stage: int, model: An
     else:
         weights = 4 * p
         buckets = bucket * (2 if z.overlap_comm else 1)
-    if zero_stage == 1:
-        gradients = 4 * p
-    else:
-        gradients = 0.0 if offload_optimizer else 4 * p / n
+    gradients = 0.0 if zero_stage == 1 or offload_optimizer else 4 * p / n
     master = 0.0 if offload_optimizer else 4 * p / n
     optimizer = 0.0 if offload_optimizer else 8 * p / n
     return MemoryEstimate(weights=weights, master=master, gradients=gradients, optimizer=optimizer,
                           frozen=4.0 * frozen, activations=vit_activation_bytes(model, batch, bf16, checkpointing),
-                          frozen_forward=frozen_forward * (0.5 if bf16 else 1.0), buckets=buckets)
+                          frozen_forward=frozen_forward * (0.5 if bf16 else 1.0), buckets=buckets,
+                          whole_gradients=4 * p if zero_stage == 1 else 0.0)

@@ -203,8 +203,9 @@ def describe(section: DictConfig, configs: list[DictConfig], params: dict[str, A
                       f"{trainer.batch_size}, recompute {'on' if trainer.activation_checkpointing else 'off'}:",
                       f"#   memory model: {est['model_gib_per_gpu']:.2f} GiB = weights {parts['weights']} + master "
                       f"{parts['master']} + gradients {parts['gradients']} + Adam {parts['optimizer']} + DeepSpeed's "
-                      f"buckets {parts['buckets']} + frozen "
-                      f"{parts['frozen']} + activations {activations} (fp32 weights under bf16 autocast)",
+                      f"buckets {parts['buckets']} + frozen {parts['frozen']} + the largest of activations "
+                      f"{activations}, the frozen forward {parts['frozen_forward']} and ZeRO-1's whole gradients "
+                      f"{parts['whole_gradients']} (fp32 weights under bf16 autocast)",
                       f"#   DeepSpeed's estimator: {est['gpu_gib_per_gpu']:.2f} GiB per GPU, "
                       f"{est['cpu_gib_per_node']:.1f} GiB CPU per node (model states only, 16-bit weights assumed)",
                       f"# what fits {section.gpu_memory_gib:g} GiB per GPU at global batch "

@@ -27,8 +27,15 @@ def test_zero3_shards_weights_and_states_by_world_size() -> None:
 
 
 def test_zero1_keeps_whole_gradients_zero2_and_3_their_partition() -> None:
-    whole, *parts = (estimate(P, 0, 8, stage, VIT_L, 8, bf16=True, checkpointing=True).gradients for stage in (1, 2, 3))
-    assert whole == 4 * P and parts == [4 * P / 8] * 2
+    zero1, *others = (estimate(P, 0, 8, stage, VIT_L, 8, bf16=True, checkpointing=True) for stage in (1, 2, 3))
+    assert zero1.whole_gradients == 4 * P and [e.gradients for e in others] == [4 * P / 8] * 2
+    assert zero1.total == pytest.approx(zero1.model_states + zero1.buckets + 4 * P)  # more than the activations
+
+
+def test_zero1_whole_gradients_and_activations_are_not_added() -> None:
+    est = estimate(P, 0, 8, 1, VIT_L, 64, bf16=False, checkpointing=False)
+    assert est.activations > est.whole_gradients > 0
+    assert est.total == pytest.approx(est.model_states + est.buckets + est.activations)
 
 
 def test_gradient_buckets_are_counted_whole_doubled_by_overlap_comm_under_zero_1_and_2() -> None:
