@@ -25,6 +25,8 @@ def test_colour_path_alone_is_the_thumbnail() -> None:
         assert torch.allclose(decoder(encoder(x)), thumbnail(x, 4), atol=1e-6)
 
 
-def test_colour_path_is_off_by_default() -> None:
-    cfg = AutoencoderConfig(base_width=8, channel_mult=[1, 2], z_channels=8)
-    assert Encoder(cfg).colour is None and Decoder(cfg).colour is None
+def test_without_colour_path_the_autoencoder_is_vqgans() -> None:
+    cfg = AutoencoderConfig(base_width=8, channel_mult=[1, 2], z_channels=8, colour_skip=False)
+    encoder, decoder = Encoder(cfg), Decoder(cfg)
+    assert encoder.colour is None and decoder.colour is None
+    assert not any("colour" in k for k in [*encoder.state_dict(), *decoder.state_dict()])
