@@ -42,6 +42,10 @@ class AutoencoderConfig:
     channel_mult: List[int] = checked(lambda: [1, 2, 2, 4], min_length=1, each=Limits(ge=1))
     num_res_blocks: int = checked(1, ge=1)  # full scale: 2
     attention_at_lowest: bool = True
+    # each token's average colour into the latent and back out, upsampled bilinearly, beside the conv paths
+    # (the decoder adds the detail): the tiny run reaches thumbnail-level colour within its short budget.
+    # Not in VQGAN (the paper recipes turn it off)
+    colour_skip: bool = True
     z_channels: int = checked(64, ge=1)  # full scale: 256
     dropout: float = checked(0.0, ge=0, lt=1)
     # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
@@ -126,7 +130,7 @@ class GanConfig:
 
 @dataclass
 class TokenizerLossConfig:
-    pixel_weight: float = checked(1.0, ge=0)  # L1
+    pixel_weight: float = checked(3.0, ge=0)  # L1 (VQGAN, the paper recipes: 1.0)
     perceptual_weight: float = checked(1.0, ge=0)
     codebook_weight: float = checked(1.0, ge=0)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)

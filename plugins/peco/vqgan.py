@@ -5,6 +5,12 @@ downsampling, nearest-neighbour upsampling, one self-attention block at the lowe
 before and after quantisation). Each entry of `channel_mult` is one resolution level; all levels but the
 last halve the resolution, so the downsampling factor is 2 ** (len(channel_mult) - 1): 8 in the tiny default,
 16 at full scale; the tokenizer's view is sized so that its token grid equals the ViT's patch grid.
+
+Optionally (`colour_skip`, the tiny default, not VQGAN's) a linear colour path runs beside the conv stacks:
+the encoder adds a 1x1 projection of each token's average colour to the latent, the decoder adds a 1x1
+projection of the quantised latent to RGB, upsampled bilinearly. Joined through it alone they are the
+token-grid thumbnail, so a short run starts from there and the convs learn the detail; the colour still
+travels through the codes (decoding another image's codes gives its colours).
 """
 from __future__ import annotations
 
@@ -91,9 +97,14 @@ class Encoder(nn.Module):
                 layers.append(Downsample(cin))
         layers += [_middle(cin, cfg), _norm(cin, cfg.norm_groups), nn.SiLU(), nn.Conv2d(cin, cfg.z_channels, 3, padding=1)]
         self.layers = nn.Sequential(*layers)
+        self.factor = 2 ** (len(widths) - 1)
+        self.colour = nn.Conv2d(3, cfg.z_channels, 1) if cfg.colour_skip else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        z = self.layers(x)
+        if self.colour is not None:  # each token's average colour, handed to the latent directly
+            z = z + self.colour(F.avg_pool2d(x, self.factor))
+        return z
 
 
 class Decoder(nn.Module):
@@ -114,9 +125,15 @@ class Decoder(nn.Module):
         layers += [_norm(cin, cfg.norm_groups), nn.SiLU()]
         self.layers = nn.Sequential(*layers)
         self.last_layer = nn.Conv2d(cin, 3, 3, padding=1)
+        self.factor = 2 ** (len(widths) - 1)
+        self.colour = nn.Conv2d(cfg.z_channels, 3, 1) if cfg.colour_skip else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(self.layers(z))
+        out = self.last_layer(self.layers(z))
+        if self.colour is not None:  # each token's colour, upsampled bilinearly: the decoder adds the detail
+            out = out + F.interpolate(self.colour(z), scale_factor=float(self.factor), mode="bilinear",
+                                      align_corners=False)
+        return out
 
 
 class VQTokenizer(nn.Module):
