@@ -15,7 +15,7 @@ pytestmark = pytest.mark.deepspeed
 
 #: stage 1 alone, through the test plugin that saves each rank's codebook after the last step; dead codes
 #: restart after 1 idle step, so some restart within the 4 steps
-TOKENIZER = ["plugins=[tests.plugins.rank_codebooks]", "method=peco_tokenizer_rank_codebooks",
+TOKENIZER = ["plugins=[tests.plugins.rank_codebooks]", "method=peco_tokenizer_rank_codebooks", "model=beit_tiny",
              *[o for o in TINY_PECO if o != "method=peco" and not o.startswith("method.tokenizer_training")],
              "trainer.max_steps=4", "trainer.lr=1e-3", "method.tokenizer.quantizer.dead_after_steps=1",
              "launcher.nprocs=2"]
