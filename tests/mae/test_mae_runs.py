@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 from tests.conftest import read_metrics
 from tests.scale.conftest import run_zoo, slurm_partition  # noqa: F401  (the cluster fixture)
 
-#: a 2-block ViT on a 4 x 4 grid of 8-px patches, 1-block decoder, 16 images per process and step
+#: a 2-block ViT on a 4 x 4 grid of 8-px patches, 1-block decoder, 16 images per process and step; fp32 as
+#: tests/scale/conftest.py says why
 TINY_MAE = ["method=mae", "model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2",
             "model.num_heads=2", "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2",
             "data.samples_per_epoch=256", "data.num_workers=0", "trainer.device=cpu", "trainer.batch_size=16",
             "trainer.log_every=1", "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.betas=[0.9,0.95]",
-            "trainer.eval_at_end=false"]
+            "trainer.eval_at_end=false", "trainer.precision=fp32"]
 
 
 def losses(run: Path) -> list[float]:
