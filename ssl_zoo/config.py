@@ -225,7 +225,7 @@ def _read_deprecated_keys(raw: DictConfig, strategies: Registry[Any]) -> None:
             section[key] = value
 
 
-def _other_entries_key(key: str, cfg: DictConfig, registries: dict[str, Registry[Any]]) -> str:
+def _owner_hint(key: str, cfg: DictConfig, registries: dict[str, Registry[Any]]) -> str:
     """For a `section.key` that the section's schema lacks: the options of its group whose schema has the key
     ('' if none), as a hint (`strategy.zero_stage` is a key of strategy=deepspeed, not of strategy=auto)."""
     group, _, leaf = key.partition(".")
@@ -340,7 +340,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as exc:
             error = _key_error(exc, cfg)
-            raise ConfigError(f"{error}{_other_entries_key(key, cfg, registries)}") from None
+            raise ConfigError(f"{error}{_owner_hint(key, cfg, registries)}") from None
     if any(k.split(".")[0] in registries and k.endswith(".name") for k, _, _ in keys):
         cfg = validate(cfg, root_schema, registries)  # a section switched entries: check it against its new schema
     registry.load_plugins(cfg.plugins)
