@@ -38,7 +38,7 @@ MODELS = {
 #: the `zero_optimization` keys of the check (elements): buckets of a size comparable with ViT-Tiny/Small
 SMALL_BUCKETS = {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
                  "stage3_prefetch_bucket_size": 2_000_000}
-BASE = ["method=peco", "data=synthetic", "data.image_size=128", "trainer.device=cpu", "trainer.strategy=deepspeed",
+BASE = ["method=peco", "data=synthetic", "data.image_size=128", "trainer.device=cpu", "strategy=deepspeed",
         "trainer.warmup_steps=1", "trainer.log_every=1", "method.mask.num_masked=26", "method.mask.min_block=4"]
 
 
@@ -94,7 +94,7 @@ def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> N
     rss = (probe.peak() - baseline) * MIB
     measured = _allocated_peak(prof)
     trainer = cfg.trainer
-    model = estimate(trainable, frozen, world, trainer.zero_stage, cfg.model, trainer.batch_size,
+    model = estimate(trainable, frozen, world, cfg.strategy.zero_stage, cfg.model, trainer.batch_size,
                      bf16=trainer.precision == "bf16", checkpointing=trainer.activation_checkpointing,
                      frozen_forward=method_cls.frozen_forward_bytes(cfg, trainer.batch_size), zero=case["zero"])
     result = {"rank": rank, "measured_mib": measured / MIB, "rss_mib": rss / MIB, "model_mib": model.total / MIB,
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         batch = args.batch or batch
         case = {"model": name, "zero_stage": stage, "precision": precision, "recompute": recompute == "true",
                 "batch": batch, "steps": args.steps, "zero": args.zero,
-                "overrides": [*BASE, *overrides, f"trainer.batch_size={batch}", f"trainer.zero_stage={stage}",
+                "overrides": [*BASE, *overrides, f"trainer.batch_size={batch}", f"strategy.zero_stage={stage}",
                               f"trainer.precision={precision}", f"trainer.activation_checkpointing={recompute}"]}
         result = run_case(case)
         results.append(result)

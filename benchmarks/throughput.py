@@ -44,7 +44,7 @@ PAPER_TOKENIZER = ["method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]",
                    "method.tokenizer.autoencoder.z_channels=256", "method.tokenizer.autoencoder.norm_groups=32",
                    "method.tokenizer.quantizer.num_codes=8192", "method.tokenizer.quantizer.dim=256"]
 MASK_224 = ["method.mask.num_masked=75", "method.mask.min_block=16"]  # BEiT at 224 px: 75 of 196
-ZERO_MODEL = ["method=peco", "model=beit_huge", "trainer.strategy=deepspeed", "trainer.precision=bf16"]
+ZERO_MODEL = ["method=peco", "model=beit_huge", "strategy=deepspeed", "trainer.precision=bf16"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -120,7 +120,7 @@ def zero_estimates(stages: tuple[int, ...], gpus: int, tokenizer: list[str]) -> 
         base = [*ZERO_MODEL, *tokenizer]
         path = _random_tokenizer(load_config(base), Path(folder))
         for stage in stages:
-            cfg = load_config([*base, f"trainer.zero_stage={stage}", f"method.tokenizer.checkpoint='{path}'"])
+            cfg = load_config([*base, f"strategy.zero_stage={stage}", f"method.tokenizer.checkpoint='{path}'"])
             rows.append({"gpus_per_node": gpus, **estimate_memory(cfg, nodes=1, gpus_per_node=gpus)})
     return rows
 

@@ -5,13 +5,18 @@ launcher, protocol, ...) and the groups each loaded plugin ships in its own `con
 experiment; `registry.plugin_config_dirs`): `group=option` chooses a YAML file of a group, `a.b.c=value`
 overrides one key. Every section is checked against a dataclass schema before any work
 starts: the core's own (`TrainerConfig`, `RootConfig`) or the one registered with the registry entry that the
-section names (`method.name`, `model.name`, `data.name`, `launcher.name`). A typo or a wrong type fails with
-one line naming the key path and, for a typo, the nearest valid key.
+section names (`method.name`, `model.name`, `data.name`, `strategy.name`, `launcher.name`). A typo or a wrong
+type fails with one line naming the key path and, for a typo, the nearest valid key.
+
+The strategy's keys were once trainer keys (`trainer.strategy=deepspeed trainer.zero_stage=3`); those spellings
+still work, on the command line and in YAML or a saved `config.yaml`, with a one-line deprecation note.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import sys
+import typing
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -26,15 +31,20 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ssl_zoo import registry
 from ssl_zoo.registry import Registry, nearest
-from ssl_zoo.schema import ConfigError, Limits, bad_value, check, checked
+from ssl_zoo.schema import ConfigError, Limits, check, checked
 
 #: groups whose sections are typed by the schema of the registry entry they name
 SECTION_REGISTRIES: dict[str, Registry[Any]] = {
     "method": registry.METHODS,
     "model": registry.BACKBONES,
     "data": registry.DATASETS,
+    "strategy": registry.STRATEGIES,
     "launcher": registry.LAUNCHERS,
 }
+
+#: trainer keys that became the strategy's (`trainer.strategy=X` is now the group choice `strategy=X`, the others
+#: keys of the chosen strategy's section): still read, with a deprecation note
+DEPRECATED_TRAINER_KEYS = ("strategy", "zero_stage", "offload_optimizer", "offload_params")
 
 
 @dataclasses.dataclass
@@ -56,11 +66,6 @@ class TrainerConfig:
     max_bad_steps: int = checked(10, ge=1)  # non-finite steps are skipped; this many in a row stop the run
     compile: bool = False
     device: str = checked("auto", choices=("auto", "cpu", "cuda"))
-    strategy: str = "auto"  # auto (single or ddp by world size) | single | ddp | deepspeed | a registered strategy
-    # deepspeed: ZeRO stage 1 (optimiser states), 2 (+ gradients) or 3 (+ parameters) sharded
-    zero_stage: int = checked(2, choices=(1, 2, 3))
-    offload_optimizer: bool = False  # deepspeed: optimiser states and step in CPU memory (ZeRO-Offload)
-    offload_params: bool = False  # deepspeed, zero_stage=3: parameters in CPU memory too
     activation_checkpointing: bool = False  # recompute activations in backward (timm's set_grad_checkpointing)
     find_unused_parameters: bool = True
     log_every: int = checked(10, ge=1)
@@ -70,24 +75,6 @@ class TrainerConfig:
     eval_every: int = checked(0, ge=0)  # kNN top-1 on crop_id every N steps into metrics.jsonl / TensorBoard (0: off)
     eval_at_end: bool = True  # kNN and linear probe on crop_id after the last stage, beside random init
     progress: Optional[bool] = None  # None: a progress bar on a terminal, log lines otherwise
-
-    @staticmethod
-    def validate(trainer: DictConfig, root: DictConfig) -> None:
-        """The strategy is registered; DeepSpeed's own limits (offload, ZeRO-3, fp16) hold."""
-        from ssl_zoo.registry import STRATEGIES
-
-        if trainer.strategy != "auto" and trainer.strategy not in STRATEGIES:
-            raise bad_value("trainer.strategy", trainer.strategy, "auto, " + ", ".join(STRATEGIES.names()))
-        if trainer.strategy == "deepspeed":
-            import torch
-
-            from ssl_zoo.engine.deepspeed_strategy import deepspeed_config
-
-            cuda = trainer.device != "cpu" and torch.cuda.is_available()
-            try:
-                deepspeed_config(trainer, 1, "cuda" if cuda else "cpu")
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
 
 
 @dataclasses.dataclass
@@ -99,7 +86,25 @@ class RootConfig:
     model: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    strategy: Any = MISSING
     launcher: Any = MISSING
+
+
+def trainer_subset(name: str, doc: str, **defaults: Any) -> type:
+    """A schema of some `TrainerConfig` keys with other defaults, for a method's stage that sets those trainer
+    keys of its run (PeCo's tokenizer stage): the keys, types and limits stay `TrainerConfig`'s, stated once."""
+    hints = typing.get_type_hints(TrainerConfig)
+    fields = {f.name: f for f in dataclasses.fields(TrainerConfig)}
+    unknown = sorted(set(defaults) - set(fields))
+    if unknown:
+        raise TypeError(f"{name}: '{unknown[0]}' is not a TrainerConfig key")
+    made = []
+    for key, default in defaults.items():
+        value = {"default_factory": lambda v=default: list(v)} if isinstance(default, list) else {"default": default}
+        made.append((key, hints[key], dataclasses.field(**value, metadata=fields[key].metadata)))
+    schema = dataclasses.make_dataclass(name, made)
+    schema.__doc__ = doc
+    return schema
 
 
 def config_dir() -> Path:
@@ -149,6 +154,8 @@ def groups(only: tuple[str, ...] | None = None) -> dict[str, list[str]]:
 def _split(overrides: list[str],
            group_names: dict[str, list[str]]) -> tuple[list[str], list[tuple[str, Any, str]], list[str]]:
     """Group choices for Hydra, key overrides for us (key, value, text), and the `plugins` modules."""
+    if "strategy" in group_names:
+        overrides = [_current_spelling(text) for text in overrides]
     parser, parsed = OverridesParser.create(), []
     for text in overrides:
         try:
@@ -169,6 +176,65 @@ def _split(overrides: list[str],
             if key == "plugins":
                 plugins = list(value) if isinstance(value, (list, tuple)) else [value]
     return choices, keys, plugins
+
+
+_noted: set[str] = set()
+
+
+def _note_deprecated(message: str) -> None:
+    """A one-line deprecation note on stderr, once per process (every stage composes the same overrides)."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _current_spelling(text: str) -> str:
+    """`trainer.strategy=X` -> `strategy=X`, `trainer.zero_stage=N` -> `strategy.zero_stage=N` (and the offload
+    keys), noting the deprecation; any other override unchanged."""
+    key, eq, value = text.partition("=")
+    prefix, _, leaf = key.partition(".")
+    if not eq or prefix != "trainer" or leaf not in DEPRECATED_TRAINER_KEYS:
+        return text
+    current = "strategy" if leaf == "strategy" else f"strategy.{leaf}"
+    _note_deprecated(f"{key}={value} is deprecated; write {current}={value}")
+    return f"{current}={value}"
+
+
+def _read_deprecated_keys(raw: DictConfig, strategies: Registry[Any]) -> None:
+    """Move a YAML's (or an older run's `config.yaml`'s) `trainer.strategy` / `trainer.zero_stage` / offload keys
+    into the `strategy` section. A key the chosen strategy has no use for is dropped, as it was ignored before
+    (an older `config.yaml` lists `zero_stage` under every strategy)."""
+    trainer = raw.get("trainer")
+    found = [k for k in DEPRECATED_TRAINER_KEYS if isinstance(trainer, DictConfig) and k in trainer]
+    if not found:
+        return
+    values = {k: trainer.pop(k) for k in found}
+    _note_deprecated(f"config file keys {', '.join('trainer.' + k for k in found)} are deprecated; "
+                     "write them in the strategy section (strategy: {name: deepspeed, zero_stage: 3})")
+    if "strategy" in values:
+        name = values.pop("strategy")
+        section = raw.get("strategy")
+        if not isinstance(section, DictConfig) or section.get("name") != name:
+            raw.strategy = {"name": name}
+    section = raw.get("strategy")
+    entry = strategies.entry(section.name) if isinstance(section, DictConfig) and section.get("name") in strategies \
+        else None
+    keys = {f.name for f in dataclasses.fields(entry.schema)} if entry and entry.schema else set()
+    for key, value in values.items():
+        if key in keys:
+            section[key] = value
+
+
+def _owner_hint(key: str, cfg: DictConfig, registries: dict[str, Registry[Any]]) -> str:
+    """For a `section.key` that the section's schema lacks: the options of its group whose schema has the key
+    ('' if none), as a hint (`strategy.zero_stage` is a key of strategy=deepspeed, not of strategy=auto)."""
+    group, _, leaf = key.partition(".")
+    table = registries.get(group)
+    if table is None or "." in leaf or not isinstance(cfg.get(group), DictConfig) or leaf in cfg[group]:
+        return ""
+    owners = [name for name in table.names() if table.entry(name).schema is not None
+              and leaf in {f.name for f in dataclasses.fields(table.entry(name).schema)}]
+    return f" ({key} is a key of {' or '.join(f'{group}={n}' for n in owners)}: add that choice)" if owners else ""
 
 
 def _check_choices(choices: list[str], options: dict[str, list[str]]) -> None:
@@ -216,6 +282,8 @@ def validate(raw: DictConfig, root_schema: type = RootConfig,
     registries = SECTION_REGISTRIES if registries is None else registries
     root = OmegaConf.structured(root_schema)
     raw = OmegaConf.create(OmegaConf.to_container(raw, resolve=False))  # plain, editable, interpolations kept
+    if "strategy" in registries:
+        _read_deprecated_keys(raw, registries["strategy"])
     sections = {}
     for group in registries:
         if group in raw:
@@ -271,7 +339,8 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = 
         try:
             OmegaConf.update(cfg, key, value, merge=False)
         except OmegaConfBaseException as exc:
-            raise _key_error(exc, cfg) from None
+            error = _key_error(exc, cfg)
+            raise ConfigError(f"{error}{_owner_hint(key, cfg, registries)}") from None
     if any(k.split(".")[0] in registries and k.endswith(".name") for k, _, _ in keys):
         cfg = validate(cfg, root_schema, registries)  # a section switched entries: check it against its new schema
     registry.load_plugins(cfg.plugins)

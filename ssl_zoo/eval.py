@@ -23,10 +23,10 @@ from ssl_zoo import config as config_lib
 from ssl_zoo.cli import exit_with, plugin_overrides, split_flags
 from ssl_zoo.config import ConfigError, TrainerConfig
 from ssl_zoo.errors import UserError
-from ssl_zoo.registry import DATASETS, LAUNCHERS, PluginImportError, RegistryError, load_plugins
+from ssl_zoo.registry import DATASETS, LAUNCHERS, STRATEGIES, PluginImportError, RegistryError, load_plugins
 
 USER_ERRORS = (UserError, ConfigError, RegistryError, PluginImportError, FileNotFoundError)
-GROUPS = ("protocol", "data", "trainer", "launcher", "eval_experiment")
+GROUPS = ("protocol", "data", "trainer", "strategy", "launcher", "eval_experiment")
 
 
 @dataclasses.dataclass
@@ -39,13 +39,14 @@ class EvalConfig:
     protocol: Any = MISSING
     data: Any = MISSING
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)  # fine-tuning's loop; device, progress
+    strategy: Any = MISSING  # fine-tuning only
     launcher: Any = MISSING  # fine-tuning only
 
 
 def registries() -> dict[str, Any]:
     from ssl_zoo.evaluation.protocols import PROTOCOLS
 
-    return {"protocol": PROTOCOLS, "data": DATASETS, "launcher": LAUNCHERS}
+    return {"protocol": PROTOCOLS, "data": DATASETS, "strategy": STRATEGIES, "launcher": LAUNCHERS}
 
 
 def load_eval_config(overrides: list[str]) -> DictConfig:
@@ -65,7 +66,7 @@ def help_text() -> str:
               "  architecture     with checkpoint=random: the run whose architecture is built at random init",
               "  output_dir       run directory (default runs/eval/<protocol>-<data>)",
               "  seed             data crops, probe and fine-tuning seed (default 0)",
-              "  protocol.*, data.*, trainer.* (fine-tuning's loop), launcher.*: see --print-config",
+              "  protocol.*, data.*, trainer.*, strategy.* (fine-tuning's loop), launcher.*: see --print-config",
               "", "flags:", "  --print-config   print the resolved config and exit", "  -h, --help       this text",
               "", "examples:", "  python -m ssl_zoo.eval checkpoint=runs/peco",
               "  python -m ssl_zoo.eval checkpoint=runs/peco protocol=linear",

@@ -119,7 +119,7 @@ METHODS: Registry[Any] = Registry("method", group="method")
 BACKBONES: Registry[Any] = Registry("backbone", group="model")
 DATASETS: Registry[Any] = Registry("dataset", group="data")
 LAUNCHERS: Registry[Any] = Registry("launcher", group="launcher")
-STRATEGIES: Registry[Any] = Registry("strategy")
+STRATEGIES: Registry[Any] = Registry("strategy", group="strategy")
 
 _loaded: set[str] = set()
 _config_dirs: list[Path] = []

@@ -5,6 +5,7 @@ Running the same command again with the same `output_dir` resumes from the last 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from ssl_zoo.config import ConfigError, TrainerConfig
 from ssl_zoo.errors import UserError
 from ssl_zoo.launch.local import Stopped
 from ssl_zoo.method import Stage
-from ssl_zoo.registry import LAUNCHERS, METHODS, PluginImportError, RegistryError, load_plugins
+from ssl_zoo.registry import LAUNCHERS, METHODS, STRATEGIES, PluginImportError, RegistryError, load_plugins
 from ssl_zoo.train import TooManyBadSteps
 
 #: errors reported as one `error:` line (no traceback): a user's mistake, or a run that cannot go on
@@ -37,13 +38,24 @@ def help_text() -> str:
         lines.append(f"  {group:<12} {', '.join(options) or '(none)'}")
     lines += ["", "common keys (KEY=VALUE):", "  output_dir   run directory (default runs/<method name>)",
               "  seed         global seed (default 0)", "  plugins      [module, ...] to import for their registrations"]
-    for field in TrainerConfig.__dataclass_fields__.values():
-        default = field.default_factory() if callable(field.default_factory) else field.default
-        lines.append(f"  trainer.{field.name:<22} default {default}")
+    lines += _key_lines(TrainerConfig, "trainer")
+    for name in STRATEGIES.names():  # each strategy's own keys (strategy=deepspeed strategy.zero_stage=3)
+        lines += _key_lines(STRATEGIES.entry(name).schema, "strategy", f" (strategy={name})")
     lines += ["", "flags:", "  --print-config   print the resolved config and exit", "  -h, --help       this text",
               "", "examples:", "  python -m ssl_zoo.run method=peco",
-              "  python -m ssl_zoo.run method=peco model=beit_small trainer.max_steps=1000 output_dir=runs/small"]
+              "  python -m ssl_zoo.run method=peco model=beit_small trainer.max_steps=1000 output_dir=runs/small",
+              "  python -m ssl_zoo.run method=peco strategy=deepspeed strategy.zero_stage=3 launcher.nprocs=2"]
     return "\n".join(lines)
+
+
+def _key_lines(schema: type | None, section: str, suffix: str = "") -> list[str]:
+    """`--help`'s lines for the keys of a section's schema and their defaults (not `name`: the group choice)."""
+    lines = []
+    for field in dataclasses.fields(schema) if schema else ():
+        if field.name != "name":
+            default = field.default_factory() if callable(field.default_factory) else field.default
+            lines.append(f"  {section + '.' + field.name:<30} default {default}{suffix}")
+    return lines
 
 
 def run(overrides: list[str], print_config: bool = False) -> list[dict[str, Any]]:

@@ -67,10 +67,6 @@ def test_the_root_config_chooses_no_model() -> None:
         load_config([o for o in TOY if not o.startswith("model=")])
 
 
-#: files other helpers change in this session (their defaults move to the schema after they merge)
-NOT_YET_DEDUPLICATED = {"peco.yaml", "peco_tokenizer.yaml"}
-
-
 def _repeats(yaml: dict, defaults: dict, path: str = "") -> list[str]:
     found = []
     for key, value in yaml.items():
@@ -89,8 +85,7 @@ def _typed_yaml_files() -> list[tuple[Path, type]]:
     for folder in config_dirs():
         for group, table in SECTION_REGISTRIES.items():
             for f in sorted((folder / group).glob("*.yaml")):
-                if f.name not in NOT_YET_DEDUPLICATED:
-                    files.append((f, table.entry(OmegaConf.load(f).name).schema))
+                files.append((f, table.entry(OmegaConf.load(f).name).schema))
     return files
 
 

@@ -114,7 +114,7 @@ def test_timm_export_round_trip_zero3(tiny_run, tmp_path):
     """A ZeRO-3 run on 2 processes, exported from its sharded checkpoint without DeepSpeed's runtime."""
     tokenizer = tiny_run[0] / "tokenizer" / "export" / "method.safetensors"
     out = tmp_path / "zero3"
-    run_zoo(*TINY_PECO, f"method.tokenizer.checkpoint={tokenizer}", "trainer.strategy=deepspeed",
-            "trainer.zero_stage=3", "launcher.nprocs=2", "trainer.max_steps=2", f"output_dir={out}")
+    run_zoo(*TINY_PECO, f"method.tokenizer.checkpoint={tokenizer}", "strategy=deepspeed",
+            "strategy.zero_stage=3", "launcher.nprocs=2", "trainer.max_steps=2", f"output_dir={out}")
     timm_dir = _export_timm(str(out), "--checkpoint", str(out / "checkpoints" / "step-00000002"))
     assert _features_equal_after_timm_round_trip(out, timm_dir) < 1e-5

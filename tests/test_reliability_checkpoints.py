@@ -118,7 +118,7 @@ ZERO_FILES = ["zero/state/mp_rank_00_model_states.pt", "zero/state/zero_pp_rank_
 def test_deepspeed_resume_checks_its_shards_before_deepspeed_unpickles_them(hostile, tmp_path: Path) -> None:
     run = tmp_path / "run"
     step = _hostile_checkpoint(hostile, run, [*ZERO_FILES, "rank-0.pt"])
-    proc = subprocess.run([sys.executable, "-m", "ssl_zoo.run", *TINY_TOY, "trainer.strategy=deepspeed",
+    proc = subprocess.run([sys.executable, "-m", "ssl_zoo.run", *TINY_TOY, "strategy=deepspeed",
                            f"output_dir={run}"], env={**cli_env(), "DS_ACCELERATOR": "cpu"}, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -132,9 +132,9 @@ def test_export_refuses_a_checkpoint_with_pickled_code(hostile, tmp_path: Path, 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     run = tmp_path / "run"
     step = _hostile_checkpoint(hostile, run, ZERO_FILES if strategy == "deepspeed" else ["state.pt"])
-    cfg = load_config([*TINY_TOY, f"trainer.strategy={strategy}", f"output_dir={run}"])
+    cfg = load_config([*TINY_TOY, f"strategy={strategy}", f"output_dir={run}"])
     (run / "config.yaml").write_text(to_yaml(cfg))
-    assert OmegaConf.load(run / "config.yaml").trainer.strategy == strategy
+    assert OmegaConf.load(run / "config.yaml").strategy.name == strategy
     code, lines = main_output(export_cli.main, [str(run)])
     assert_refused(code, lines, step)
     assert not hostile.ran()

@@ -118,5 +118,5 @@ def test_two_process_ddp_survives_kills(tmp_path: Path) -> None:
 
 @pytest.mark.deepspeed
 def test_zero2_survives_kills(tmp_path: Path) -> None:
-    kill_and_resume(tmp_path, ["launcher.nprocs=2", "trainer.strategy=deepspeed", "trainer.zero_stage=2"],
+    kill_and_resume(tmp_path, ["launcher.nprocs=2", "strategy=deepspeed", "strategy.zero_stage=2"],
                     world=2, kills=2, seed=2)

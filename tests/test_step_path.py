@@ -161,7 +161,7 @@ def test_bad_steps_are_counted_and_too_many_in_a_row_stop_the_run(cli, tmp_path)
 
 @pytest.mark.deepspeed
 def test_deepspeed_skips_and_counts_bad_steps(cli, tmp_path) -> None:
-    cli(*TOY, *SMALL, "trainer.strategy=deepspeed", "trainer.max_steps=6", "trainer.log_every=2",
+    cli(*TOY, *SMALL, "strategy=deepspeed", "trainer.max_steps=6", "trainer.log_every=2",
         "method.nan_from_step=2", "method.nan_steps=1", "output_dir=ds", cwd=tmp_path)
     rows = read_metrics(tmp_path / "ds")
     assert [r.get("skipped_steps", 0) for r in rows] == [0, 1, 1]

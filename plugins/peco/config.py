@@ -11,6 +11,7 @@ from typing import Any, List, Optional
 
 from omegaconf import DictConfig
 
+from ssl_zoo.config import trainer_subset
 from ssl_zoo.schema import ConfigError, Limits, bad_value, checked
 
 
@@ -38,13 +39,14 @@ class AutoencoderConfig:
     """VQGAN-style conv encoder/decoder. Downsampling factor = 2 ** (len(channel_mult) - 1)."""
 
     base_width: int = checked(16, ge=1)  # VQGAN / full scale: 128
-    # f = 8 (2 ** (4 - 1)); full scale: [1, 1, 2, 2, 4]
+    # f = 8 (2 ** (4 - 1)): a 48 px view for the 6 x 6 grid, cheaper per step than f = 16 at 96 px
+    # (benchmarks/RESULTS.md, issue 13); full scale: [1, 1, 2, 2, 4]
     channel_mult: List[int] = checked(lambda: [1, 2, 2, 4], min_length=1, each=Limits(ge=1))
     num_res_blocks: int = checked(1, ge=1)  # full scale: 2
     attention_at_lowest: bool = True
     # each token's average colour into the latent and back out, upsampled bilinearly, beside the conv paths
     # (the decoder adds the detail): the tiny run reaches thumbnail-level colour within its short budget.
-    # Not in VQGAN (the paper recipes turn it off)
+    # Not in VQGAN (the paper recipes turn it off; benchmarks/RESULTS.md compares the two)
     colour_skip: bool = True
     z_channels: int = checked(64, ge=1)  # full scale: 256
     dropout: float = checked(0.0, ge=0, lt=1)
@@ -70,7 +72,8 @@ class QuantizerConfig:
     # (a key named `update` would shadow DictConfig.update)
     codebook_update: str = checked("ema", choices=("ema", "gradient"))
     beta: float = checked(0.25, ge=0)  # commitment weight
-    ema_decay: float = checked(0.9, ge=0, lt=1)  # paper recipes: 0.99; in a short run 0.99 lags the encoder
+    # paper recipes: 0.99; in the 450-step tiny run 0.99 (a 100-step memory) lags the encoder (RESULTS.md)
+    ema_decay: float = checked(0.9, ge=0, lt=1)
     ema_eps: float = checked(1e-5, gt=0)
     kmeans_init: bool = True
     kmeans_iters: int = checked(10, ge=0)
@@ -119,7 +122,8 @@ class GanConfig:
     enabled: bool = True
     # The discriminator's hinge loss (about 1 at first) joins the one optimised, logged objective when the
     # GAN starts, so the logged loss jumps there. The tiny run (450 steps) keeps it off so its loss curve is
-    # the reconstruction objective; full-scale recipes start it at 100k steps.
+    # the reconstruction objective (set 300 to train the GAN in the tiny run too); full-scale recipes start it
+    # at 100k steps.
     start_step: int = checked(1000, ge=0)
     weight: float = checked(0.8, ge=0)  # factor on the adaptive weight
     max_adaptive_weight: float = checked(1e4, gt=0)
@@ -130,7 +134,8 @@ class GanConfig:
 
 @dataclass
 class TokenizerLossConfig:
-    pixel_weight: float = checked(3.0, ge=0)  # L1 (VQGAN, the paper recipes: 1.0)
+    # L1 (VQGAN, the paper recipes: 1.0, which lets the perceptual term trade PSNR for texture: RESULTS.md)
+    pixel_weight: float = checked(3.0, ge=0)
     perceptual_weight: float = checked(1.0, ge=0)
     codebook_weight: float = checked(1.0, ge=0)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
@@ -147,22 +152,17 @@ class TokenizerEvalConfig:
     batch_size: int = checked(48, ge=1)
 
 
-@dataclass
-class StageTrainingConfig:
-    """Trainer settings of the tokenizer stage: each key sets the `trainer` key of that name in its run.
-    VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total batch, no weight decay."""
-
-    max_steps: int = checked(450, ge=1)
-    batch_size: int = checked(16, ge=1)
-    lr: float = checked(2e-3, ge=0)
-    min_lr: float = checked(1e-4, ge=0)
-    warmup_steps: int = checked(10, ge=0)
-    weight_decay: float = checked(0.0, ge=0)
-    # VQGAN (with its GAN): (0.5, 0.9); the tiny run has the GAN off
-    betas: List[float] = checked(lambda: [0.9, 0.99], length=2, each=Limits(ge=0, lt=1))
-    grad_clip: float = checked(0.0, ge=0)  # 0: off (VQGAN does not clip)
-    log_every: int = checked(10, ge=1)
-    checkpoint_every: int = checked(100, ge=1)
+#: Trainer settings of the tokenizer stage: each key sets the `trainer` key of that name in its run (keys, types
+#: and limits are TrainerConfig's; these are stage 1's defaults). VQGAN: Adam betas (0.5, 0.9), lr 4.5e-6 x total
+#: batch, no weight decay.
+StageTrainingConfig = trainer_subset(
+    "StageTrainingConfig", "Section `method.tokenizer_training`: the tokenizer stage's trainer keys.",
+    max_steps=450,  # about the compute of 160 steps at f = 16, 96 px
+    batch_size=16, lr=2e-3, min_lr=1e-4, warmup_steps=10, weight_decay=0.0,
+    betas=[0.9, 0.99],  # VQGAN's (0.5, 0.9) is for GAN training, off in the tiny run
+    grad_clip=0.0,  # 0: off (VQGAN does not clip)
+    log_every=10, checkpoint_every=100,
+)
 
 
 @dataclass

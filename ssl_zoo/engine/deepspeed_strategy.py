@@ -1,7 +1,7 @@
-"""`trainer.strategy=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 behind the same Strategy interface.
+"""`strategy=deepspeed`: DeepSpeed ZeRO stage 1, 2 or 3 behind the same Strategy interface.
 
-The DeepSpeed config is generated from the trainer section (batch size, accumulation, clipping, precision,
-ZeRO stage, offload), never written by hand, so the two cannot disagree; it is saved as
+The DeepSpeed config is generated from the trainer section (batch size, accumulation, clipping, precision) and
+the strategy section (`DeepSpeedConfig`: ZeRO stage, offload), never written by hand, so the two cannot disagree; it is saved as
 `deepspeed_config.json` in the run directory. The optimiser and the lr schedule are ours (`build_optimizer`,
 `lr_factor`) handed to DeepSpeed, which steps and checkpoints them. Checkpoints are DeepSpeed's own shards,
 written into the directory the CheckpointManager gives (`<checkpoint>/zero/`), so the atomic `last` pointer
@@ -14,6 +14,7 @@ bf16 is DeepSpeed's `torch_autocast` mode: fp32 master weights in the module, ma
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import warnings
@@ -30,29 +31,50 @@ from ssl_zoo.engine.strategy import (StepSkeleton, build_optimizer, lr_factor, r
                                      set_activation_checkpointing)
 from ssl_zoo.method import Method, StepOutput
 from ssl_zoo.registry import BACKBONES, METHODS, STRATEGIES
+from ssl_zoo.schema import ConfigError, checked
 
 #: sub-directory of a checkpoint that holds DeepSpeed's files, and the tag DeepSpeed files them under
 ZERO_DIR, ZERO_TAG = "zero", "state"
 
 
-def deepspeed_config(trainer: DictConfig, world_size: int, device_type: str) -> dict[str, Any]:
-    """The DeepSpeed config implied by our trainer section, for `world_size` processes."""
-    if trainer.zero_stage not in (1, 2, 3):
-        raise ValueError(f"trainer.zero_stage must be 1, 2 or 3, got {trainer.zero_stage}")
-    if trainer.offload_params and trainer.zero_stage != 3:
-        raise ValueError("trainer.offload_params needs trainer.zero_stage=3 (only stage 3 partitions parameters)")
-    if trainer.visualize_every and trainer.zero_stage == 3:
+@dataclasses.dataclass
+class DeepSpeedConfig:
+    """Section `strategy` of `strategy=deepspeed`: what DeepSpeed shards and where it keeps it."""
+
+    name: str = "deepspeed"
+    # ZeRO stage 1 (optimiser states), 2 (+ gradients) or 3 (+ parameters) sharded
+    zero_stage: int = checked(2, choices=(1, 2, 3))
+    offload_optimizer: bool = False  # optimiser states and step in CPU memory (ZeRO-Offload)
+    offload_params: bool = False  # zero_stage=3: parameters in CPU memory too
+
+    @staticmethod
+    def validate(strategy: DictConfig, root: DictConfig) -> None:
+        """DeepSpeed's own limits (offload, ZeRO-3, fp16) hold for this run's trainer section."""
+        cuda = root.trainer.device != "cpu" and torch.cuda.is_available()
+        try:
+            deepspeed_config(root.trainer, strategy, 1, "cuda" if cuda else "cpu")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+def deepspeed_config(trainer: DictConfig, strategy: DictConfig, world_size: int, device_type: str) -> dict[str, Any]:
+    """The DeepSpeed config implied by our trainer and strategy sections, for `world_size` processes."""
+    if strategy.zero_stage not in (1, 2, 3):
+        raise ValueError(f"strategy.zero_stage must be 1, 2 or 3, got {strategy.zero_stage}")
+    if strategy.offload_params and strategy.zero_stage != 3:
+        raise ValueError("strategy.offload_params needs strategy.zero_stage=3 (only stage 3 partitions parameters)")
+    if trainer.visualize_every and strategy.zero_stage == 3:
         raise ValueError("trainer.visualize_every needs the whole model on rank 0, which ZeRO-3 gathers only at the "
                          "end of the run (the pictures are drawn then): set trainer.visualize_every=0, or use "
-                         "trainer.zero_stage=2")
+                         "strategy.zero_stage=2")
     dtype = resolve_precision(trainer.precision, torch.device(device_type))
     if dtype == torch.float16:
         raise ValueError("trainer.precision=fp16 is not supported with DeepSpeed here: use bf16 (no loss scaling)")
     pin = device_type == "cuda"
-    zero: dict[str, Any] = {"stage": trainer.zero_stage}
-    if trainer.offload_optimizer:
+    zero: dict[str, Any] = {"stage": strategy.zero_stage}
+    if strategy.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if trainer.offload_params:
+    if strategy.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return {
         "train_batch_size": trainer.batch_size * trainer.accumulate * world_size,
@@ -82,6 +104,7 @@ class DeepSpeedStrategy(StepSkeleton):
 
     def __init__(self, cfg: DictConfig, method: Method, device: torch.device) -> None:
         self.cfg, self.trainer, self.device = cfg, cfg.trainer, device
+        zero = cfg.strategy
         deepspeed = _import_deepspeed(device)
         if not dist.is_initialized():  # one process: DeepSpeed would try MPI without these
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -92,7 +115,7 @@ class DeepSpeedStrategy(StepSkeleton):
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
         if self.trainer.activation_checkpointing:
             set_activation_checkpointing(method, True)
-        self.ds_config = deepspeed_config(self.trainer, dist.world_size(), device.type)
+        self.ds_config = deepspeed_config(self.trainer, zero, dist.world_size(), device.type)
         if dist.rank() == 0:
             out = Path(cfg.output_dir)
             out.mkdir(parents=True, exist_ok=True)
@@ -101,9 +124,9 @@ class DeepSpeedStrategy(StepSkeleton):
         for param in method.parameters():  # DeepSpeed broadcasts parameters as raw bytes: that needs the
             if param.ndim and param.stride(-1) != 1:  # row-major layout, which channels_last weights lack
                 param.data = param.data.clone(memory_format=torch.contiguous_format)
-        if self.trainer.zero_stage == 3:  # frozen networks stay whole on every rank (see replicate_frozen_parameters)
+        if zero.zero_stage == 3:  # frozen networks stay whole on every rank (see replicate_frozen_parameters)
             replicate_frozen_parameters(method)
-        if self.trainer.offload_optimizer:  # offloaded states need DeepSpeed's CPU Adam (a C++ build)
+        if zero.offload_optimizer:  # offloaded states need DeepSpeed's CPU Adam (a C++ build)
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
             torch_opt = build_optimizer(method, self.trainer)
@@ -116,7 +139,7 @@ class DeepSpeedStrategy(StepSkeleton):
             model=method, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config,
             dist_init_required=False)
         self.method: Method = self.engine.module
-        self.shards_parameters = self.trainer.zero_stage == 3
+        self.shards_parameters = zero.zero_stage == 3
 
     def _train_mode(self) -> None:
         self.engine.train()
@@ -160,7 +183,7 @@ class DeepSpeedStrategy(StepSkeleton):
             return {k: v.detach().cpu().clone() for k, v in self.method.state_dict().items()}
 
 
-@STRATEGIES.register("deepspeed")
+@STRATEGIES.register("deepspeed", schema=DeepSpeedConfig)
 def build_deepspeed_strategy(cfg: DictConfig, method: Method, device: torch.device) -> DeepSpeedStrategy:
     return DeepSpeedStrategy(cfg, method, device)
 
@@ -189,22 +212,22 @@ def estimate_memory(cfg: DictConfig, nodes: int, gpus_per_node: int) -> dict[str
         except FileNotFoundError:  # an input of the method (a stage-1 export) is not there yet: the backbone
             network, built = BACKBONES.build(cfg.model), "backbone only"
     trainable, frozen, largest = count_parameters(network)
-    trainer, gpus = cfg.trainer, max(1, gpus_per_node)
-    if trainer.zero_stage == 3:
+    trainer, strategy, gpus = cfg.trainer, cfg.strategy, max(1, gpus_per_node)
+    if strategy.zero_stage == 3:
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-            trainable, largest, gpus, nodes, cpu_offload=trainer.offload_optimizer,
-            cpu_offload_params=trainer.offload_params, zero_init=False)
+            trainable, largest, gpus, nodes, cpu_offload=strategy.offload_optimizer,
+            cpu_offload_params=strategy.offload_params, zero_init=False)
     else:  # stage 1 shards the optimiser states as stage 2 does; its gradients are not, hence a lower bound
-        cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=trainer.offload_optimizer)
+        cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=strategy.offload_optimizer)
     bf16 = resolve_precision(trainer.precision, torch.device("cuda")) == torch.bfloat16
     frozen_forward = METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, trainer.batch_size)
-    zero = deepspeed_config(trainer, nodes * gpus, "cuda")["zero_optimization"]
-    model = memory_model.estimate(trainable, frozen, nodes * gpus, trainer.zero_stage, cfg.model, trainer.batch_size,
-                                  bf16, trainer.activation_checkpointing, trainer.offload_optimizer,
-                                  trainer.offload_params, frozen_forward, zero)
+    zero = deepspeed_config(trainer, strategy, nodes * gpus, "cuda")["zero_optimization"]
+    model = memory_model.estimate(trainable, frozen, nodes * gpus, strategy.zero_stage, cfg.model, trainer.batch_size,
+                                  bf16, trainer.activation_checkpointing, strategy.offload_optimizer,
+                                  strategy.offload_params, frozen_forward, zero)
     return {"counted": built, "trainable_params": trainable, "frozen_params": frozen, "largest_layer_params": largest,
             "zero_optimization": zero,
-            "zero_stage": trainer.zero_stage, "gpu_gib_per_gpu": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30,
+            "zero_stage": strategy.zero_stage, "gpu_gib_per_gpu": gpu / 2**30, "cpu_gib_per_node": cpu / 2**30,
             "model_gib_per_gpu": model.total / 2**30, "model_parts_gib": model.as_gib()}
 
 
@@ -212,7 +235,7 @@ def memory_fit_table(cfg: DictConfig, counts: dict[str, Any], world: int, gpu_gi
     """Which ZeRO stage, micro-batch and recomputation fit `gpu_gib` per GPU at the configured global batch
     (micro-batch x accumulation x `world` GPUs), by the memory model; `counts` from `estimate_memory`.
     A markdown table of per-GPU GiB, '*' where it fits."""
-    trainer = cfg.trainer
+    trainer, strategy = cfg.trainer, cfg.strategy
     global_batch = trainer.batch_size * trainer.accumulate * world
     bf16 = resolve_precision(trainer.precision, torch.device("cuda")) == torch.bfloat16
     micro = [b for b in (4, 8, 16, 32, 64, 128, 256) if global_batch % (b * world) == 0]
@@ -223,8 +246,8 @@ def memory_fit_table(cfg: DictConfig, counts: dict[str, Any], world: int, gpu_gi
             cells = []
             for b in micro:
                 gib = memory_model.estimate(counts["trainable_params"], counts["frozen_params"], world, stage,
-                                            cfg.model, b, bf16, recompute, trainer.offload_optimizer,
-                                            trainer.offload_params and stage == 3,
+                                            cfg.model, b, bf16, recompute, strategy.offload_optimizer,
+                                            strategy.offload_params and stage == 3,
                                             METHODS.get(cfg.method.name).frozen_forward_bytes(cfg, b),
                                             counts["zero_optimization"]).total / 2**30
                 cells.append(f"{gib:.1f}{' *' if gib <= gpu_gib else ''}")

@@ -271,14 +271,22 @@ class TorchStrategy(StepSkeleton):
         return self.method.state_dict()
 
 
-@STRATEGIES.register("single")
-@STRATEGIES.register("ddp")
+@dataclasses.dataclass
+class TorchStrategyConfig:
+    """Section `strategy` of `strategy=auto|single|ddp`: plain torch, which runs one process as it is and wraps
+    several in DDP, so the three are one builder with no keys of their own (`auto`, the default, says "by the
+    world size"; DDP's `find_unused_parameters` is a trainer key)."""
+
+    name: str = "auto"
+
+
+@STRATEGIES.register("auto", schema=TorchStrategyConfig)
+@STRATEGIES.register("single", schema=TorchStrategyConfig)
+@STRATEGIES.register("ddp", schema=TorchStrategyConfig)
 def build_torch_strategy(cfg: DictConfig, method: Method, device: torch.device) -> TorchStrategy:
     return TorchStrategy(cfg, method, device)
 
 
 def build_strategy(cfg: DictConfig, method: Method, device: torch.device) -> Strategy:
-    name = cfg.trainer.strategy
-    if name == "auto":
-        name = "ddp" if dist.world_size() > 1 else "single"
-    return STRATEGIES.get(name)(cfg, method, device)
+    """The strategy that the config's `strategy` section names."""
+    return STRATEGIES.get(cfg.strategy.name)(cfg, method, device)

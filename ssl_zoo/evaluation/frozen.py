@@ -101,9 +101,9 @@ class KnnMonitor:
     solo-learn and lightly users know. Any method works (no timm form needed); the splits are made once."""
 
     def __init__(self, cfg: Any, method_cls: Any) -> None:
-        if cfg.trainer.strategy == "deepspeed" and cfg.trainer.zero_stage == 3:
+        if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3:
             raise UserError("trainer.eval_every needs the whole model on rank 0, which ZeRO-3 does not hold "
-                             "during training: set trainer.eval_every=0, or use trainer.zero_stage=2")
+                             "during training: set trainer.eval_every=0, or use strategy.zero_stage=2")
         from ssl_zoo.data.transforms import IMAGENET_MEAN, IMAGENET_STD
         from ssl_zoo.evaluation.protocols import KnnConfig
 

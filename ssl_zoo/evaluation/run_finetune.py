@@ -20,7 +20,8 @@ from ssl_zoo.registry import LAUNCHERS
 
 
 def training_config(cfg: DictConfig, backbone: Backbone, num_classes: int, run_dir: Path) -> DictConfig:
-    """The fine-tuning run's config: method=finetune, model=timm (the backbone), the eval's data and trainer."""
+    """The fine-tuning run's config: method=finetune, model=timm (the backbone), the eval's data, trainer and
+    strategy."""
     spec = backbone.spec
     protocol = OmegaConf.to_container(cfg.protocol, resolve=True)
     if protocol["num_classes"] and protocol["num_classes"] != num_classes:
@@ -36,6 +37,7 @@ def training_config(cfg: DictConfig, backbone: Backbone, num_classes: int, run_d
                   "weights": str(backbone.weights) if backbone.weights else None},
         "data": data,
         "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
+        "strategy": OmegaConf.to_container(cfg.strategy, resolve=True),
         "launcher": OmegaConf.to_container(cfg.launcher, resolve=True),
     }
     return config_lib.from_container(container)

@@ -190,11 +190,11 @@ def describe(section: DictConfig, configs: list[DictConfig], params: dict[str, A
         trainer = cfg.trainer
         lines += ["", f"# task {i}: output_dir={cfg.output_dir} method={cfg.method.name} model={cfg.model.name}",
                   f"# global batch {trainer.batch_size} x {trainer.accumulate} accumulation x {world} processes "
-                  f"= {trainer.batch_size * trainer.accumulate * world}; strategy={trainer.strategy}"]
-        if trainer.strategy == "deepspeed":
+                  f"= {trainer.batch_size * trainer.accumulate * world}; strategy={cfg.strategy.name}"]
+        if cfg.strategy.name == "deepspeed":
             device = "cpu" if trainer.device == "cpu" or not section.gpus_per_node else "cuda"
             lines += ["# DeepSpeed config (saved as deepspeed_config.json in the run directory)",
-                      json.dumps(deepspeed_config(trainer, world, device), indent=2)]
+                      json.dumps(deepspeed_config(trainer, cfg.strategy, world, device), indent=2)]
             est = estimate_memory(cfg, section.nodes, section.tasks_per_node)
             parts = est["model_parts_gib"]
             activations = "n/a (not a ViT model section)" if parts["activations"] is None else parts["activations"]

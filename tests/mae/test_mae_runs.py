@@ -57,7 +57,7 @@ def test_two_local_processes_train_with_ddp(tmp_path: Path) -> None:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_trains_and_stage_3_resumes_exactly(stage: int, tmp_path: Path) -> None:
     """Every stage trains and exports; stage 3 (parameters sharded, recomputation on) also resumes exactly."""
-    args = [*TINY_MAE, "trainer.strategy=deepspeed", f"trainer.zero_stage={stage}", "launcher.nprocs=2",
+    args = [*TINY_MAE, "strategy=deepspeed", f"strategy.zero_stage={stage}", "launcher.nprocs=2",
             "trainer.max_steps=6", "trainer.checkpoint_every=3", "trainer.keep_checkpoints=3",
             f"trainer.activation_checkpointing={stage == 3}"]
     full = tmp_path / "full"

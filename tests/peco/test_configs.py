@@ -1,19 +1,32 @@
 """PeCo configs: composition, strict keys, stages of the main job, and the paper recipes."""
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
-from ssl_zoo.config import ConfigError, load_config
+from ssl_zoo.config import ConfigError, TrainerConfig, load_config, trainer_subset
 import ssl_zoo_peco
 from ssl_zoo.registry import METHODS
 from ssl_zoo.run import stage_config
 from ssl_zoo_peco.beit import build_beit
-from ssl_zoo_peco.config import tokenizer_image_size
+from ssl_zoo_peco.config import StageTrainingConfig, tokenizer_image_size
 
 EXPERIMENTS = sorted(p.stem for p in (Path(ssl_zoo_peco.__file__).parent / "configs" / "experiment")
                      .glob("peco_vit_*ep.yaml"))
+
+
+def test_tokenizer_training_has_the_trainer_schemas_keys_types_and_limits() -> None:
+    """Its schema is derived from TrainerConfig (only the defaults are stage 1's), so the two cannot drift."""
+    trainer, hints = {f.name: f for f in dataclasses.fields(TrainerConfig)}, typing.get_type_hints(TrainerConfig)
+    for field in dataclasses.fields(StageTrainingConfig):
+        assert field.metadata == trainer[field.name].metadata and field.type == hints[field.name], field.name
+    with pytest.raises(ConfigError, match=r"'method.tokenizer_training.betas': \[0.9\]; allowed: a list of 2"):
+        load_config(["method=peco", "method.tokenizer_training.betas=[0.9]"])
+    with pytest.raises(TypeError, match="'lrr' is not a TrainerConfig key"):
+        trainer_subset("Stage", "a stage's trainer keys", lrr=1.0)
 
 
 def test_main_job_without_checkpoint_is_two_stages_with_the_tokenizer_training_settings() -> None:

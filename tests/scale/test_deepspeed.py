@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from ssl_zoo.config import TrainerConfig
-from ssl_zoo.engine.deepspeed_strategy import deepspeed_config
+from ssl_zoo.engine.deepspeed_strategy import DeepSpeedConfig, deepspeed_config
 from tests.scale.conftest import REPO, TINY_PECO, TOY, child_env, run_zoo
 
 pytestmark = pytest.mark.deepspeed
@@ -47,7 +47,7 @@ def _optimizer_states(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_trains_resumes_exactly_and_exports(stage: int, tmp_path: Path, tiny_tokenizer: Path) -> None:
-    args = [*TINY_PECO, f"method.tokenizer.checkpoint={tiny_tokenizer}", "trainer.strategy=deepspeed", f"trainer.zero_stage={stage}", "launcher.nprocs=2",
+    args = [*TINY_PECO, f"method.tokenizer.checkpoint={tiny_tokenizer}", "strategy=deepspeed", f"strategy.zero_stage={stage}", "launcher.nprocs=2",
             "trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=3", "trainer.lr=1e-2",
             f"trainer.activation_checkpointing={stage == 3}"]  # as the ViT-H recipe runs: ZeRO-3 with recomputation
     full = tmp_path / "full"
@@ -84,16 +84,19 @@ def test_zero_trains_resumes_exactly_and_exports(stage: int, tmp_path: Path, tin
         assert torch.equal(offline[key], final_full[key]), key
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ({"zero_stage": 4}, "must be 1, 2 or 3"),
-    ({"zero_stage": 2, "offload_params": True}, "offload_params needs trainer.zero_stage=3"),
-    ({"zero_stage": 3, "visualize_every": 10}, "set trainer.visualize_every=0"),
+@pytest.mark.parametrize(("trainer_keys", "strategy_keys", "message"), [
+    ({}, {"zero_stage": 4}, "strategy.zero_stage must be 1, 2 or 3"),
+    ({}, {"zero_stage": 2, "offload_params": True}, "offload_params needs strategy.zero_stage=3"),
+    ({"visualize_every": 10}, {"zero_stage": 3}, "set trainer.visualize_every=0"),
 ])
-def test_settings_deepspeed_cannot_honour_are_refused_with_the_fix(override: dict, message: str) -> None:
-    trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), override)
+def test_settings_deepspeed_cannot_honour_are_refused_with_the_fix(trainer_keys: dict, strategy_keys: dict,
+                                                                  message: str) -> None:
+    trainer = OmegaConf.merge(OmegaConf.structured(TrainerConfig), trainer_keys)
+    strategy = OmegaConf.merge(OmegaConf.structured(DeepSpeedConfig), strategy_keys)
     with pytest.raises(ValueError, match=message):
-        deepspeed_config(trainer, world_size=2, device_type="cpu")
-    assert deepspeed_config(OmegaConf.structured(TrainerConfig), 2, "cpu")["zero_optimization"]["stage"] == 2
+        deepspeed_config(trainer, strategy, world_size=2, device_type="cpu")
+    defaults = OmegaConf.structured(TrainerConfig), OmegaConf.structured(DeepSpeedConfig)
+    assert deepspeed_config(*defaults, 2, "cpu")["zero_optimization"]["stage"] == 2
 
 
 #: the paper's codebook size (8192 x 256), for the ZeRO-3 case: large enough that ZeRO-3 would partition it
@@ -106,8 +109,8 @@ def test_two_stage_peco_trains_under_zero_from_one_command(stage: int, tmp_path:
     then stage 2 on its export, both under ZeRO on 2 processes; the tokenizer keeps every code restartable."""
     codebook = PAPER_CODEBOOK if stage == 3 else []
     run_zoo(*TINY_PECO, *codebook, "method.tokenizer_training.max_steps=3", "method.tokenizer_loss.gan.start_step=1",
-            "method.tokenizer.quantizer.dead_after_steps=1", "trainer.max_steps=2", "trainer.strategy=deepspeed",
-            f"trainer.zero_stage={stage}", "launcher.nprocs=2", f"output_dir={tmp_path}", timeout=900)
+            "method.tokenizer.quantizer.dead_after_steps=1", "trainer.max_steps=2", "strategy=deepspeed",
+            f"strategy.zero_stage={stage}", "launcher.nprocs=2", f"output_dir={tmp_path}", timeout=900)
     tokenizer = json.loads((tmp_path / "tokenizer" / "summary.json").read_text())
     assert tokenizer["codebook_size"] == (8192 if stage == 3 else 64) and tokenizer["codebook_usage"] > 0
     rows = [json.loads(line) for line in (tmp_path / "tokenizer" / "metrics.jsonl").read_text().splitlines()]
@@ -126,7 +129,7 @@ def test_tokenizer_stage_resumes_exactly_under_zero3(tmp_path: Path) -> None:
     ends with the same weights, codebook statistics and optimiser shards as the uninterrupted run."""
     args = ["method=peco_tokenizer", *[o for o in TINY_PECO if o != "method=peco"], "trainer.max_steps=6",
             "trainer.checkpoint_every=3", "trainer.lr=1e-3", "method.tokenizer_loss.gan.start_step=2",
-            "method.tokenizer.quantizer.dead_after_steps=1", "trainer.strategy=deepspeed", "trainer.zero_stage=3",
+            "method.tokenizer.quantizer.dead_after_steps=1", "strategy=deepspeed", "strategy.zero_stage=3",
             "launcher.nprocs=2"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     run_zoo(*args, f"output_dir={full}", timeout=900)
@@ -145,10 +148,10 @@ def test_tokenizer_stage_resumes_exactly_under_zero3(tmp_path: Path) -> None:
 
 
 def test_optimizer_offload_trains_as_the_on_device_optimizer_does(tmp_path: Path) -> None:
-    """`trainer.offload_optimizer=true`: DeepSpeed's CPU Adam (built just in time on first use) holds the
+    """`strategy.offload_optimizer=true`: DeepSpeed's CPU Adam (built just in time on first use) holds the
     optimiser states and takes the step; it is AdamW, so the losses follow the non-offloaded run's."""
-    args = [*TOY, "trainer.strategy=deepspeed", "trainer.zero_stage=2", "launcher.nprocs=2", "trainer.max_steps=6"]
-    run_zoo(*args, "trainer.offload_optimizer=true", f"output_dir={tmp_path / 'offload'}", timeout=1200)  # + the cpu_adam build
+    args = [*TOY, "strategy=deepspeed", "strategy.zero_stage=2", "launcher.nprocs=2", "trainer.max_steps=6"]
+    run_zoo(*args, "strategy.offload_optimizer=true", f"output_dir={tmp_path / 'offload'}", timeout=1200)  # + the cpu_adam build
     run_zoo(*args, f"output_dir={tmp_path / 'device'}")
     config = json.loads((tmp_path / "offload" / "deepspeed_config.json").read_text())
     assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -22,11 +22,11 @@ TOKENIZER = ["plugins=[tests.plugins.rank_codebooks]", "method=peco_tokenizer_ra
 
 
 @pytest.mark.parametrize("strategy", [
-    pytest.param(["trainer.strategy=ddp"], id="ddp"),
-    pytest.param(["trainer.strategy=deepspeed", "trainer.zero_stage=1"], id="zero1"),
-    pytest.param(["trainer.strategy=ddp", "method.tokenizer.quantizer.codebook_update=gradient",
+    pytest.param(["strategy=ddp"], id="ddp"),
+    pytest.param(["strategy=deepspeed", "strategy.zero_stage=1"], id="zero1"),
+    pytest.param(["strategy=ddp", "method.tokenizer.quantizer.codebook_update=gradient",
                   "method.tokenizer.quantizer.metric=cosine"], id="ddp-gradient-cosine"),
-    pytest.param(["trainer.strategy=deepspeed", "trainer.zero_stage=3", "method.tokenizer.quantizer.codebook_update=gradient",
+    pytest.param(["strategy=deepspeed", "strategy.zero_stage=3", "method.tokenizer.quantizer.codebook_update=gradient",
                   "method.tokenizer.quantizer.metric=cosine"], id="zero3-gradient-cosine"),
 ])
 def test_both_ranks_end_with_the_same_codebook(strategy: list[str], tmp_path: Path) -> None:
