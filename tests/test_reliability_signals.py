@@ -3,6 +3,7 @@ signal delay a scheduler gives (SLURM's default here: launcher.signal_delay_s=12
 a second SIGTERM exits at once. (Under SLURM, USR2 requeues: tests/scale/test_slurm.py.)"""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -71,3 +72,19 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
     assert time.time() - sent < 10 and proc.returncode == 128 + signal.SIGTERM
     assert "received SIGTERM again: exiting now" in stderr and "Traceback" not in stderr
     assert not list((run / "checkpoints").glob("step-*"))  # the interrupted one never became a checkpoint
+
+
+def test_a_sigterm_to_the_whole_process_group_stops_cleanly_with_loader_workers(tmp_path: Path) -> None:
+    """`scancel`, `kill -- -PGID` and `docker stop` signal every process of the job, data-loading workers too: a
+    worker must not die of it and take the step down with a traceback; the run saves its checkpoint as above."""
+    run = tmp_path / "run"
+    args = [o for o in TINY_TOY if not o.startswith("data.num_workers=")] + ["data.num_workers=2"]
+    proc = subprocess.Popen([sys.executable, "-m", "ssl_zoo.run", *args, f"output_dir={run}"], env=cli_env(),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    wait_for(lambda: logged(run) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=SIGNAL_DELAY_S)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
+    assert "stopped by SIGTERM after saving" in stderr.splitlines()[-1]
+    assert len(list((run / "checkpoints").glob("step-*"))) == 1

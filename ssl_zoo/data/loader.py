@@ -6,10 +6,13 @@ exactly the batches an uninterrupted one would have seen, and no data is loaded 
 """
 from __future__ import annotations
 
+import signal
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ssl_zoo.launch.local import STOP_SIGNALS
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -43,6 +46,14 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         return 2**62
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loading worker leaves the stop signals to the main process. `scancel`, `kill -- -PGID` and `docker stop`
+    signal every process of the job: a worker that died of it would fail the step the main process finishes
+    before it saves its checkpoint. Workers end with the main process (the DataLoader watches its parent)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, rank: int, world_size: int,
                 start: int, pin_memory: bool = False) -> Iterator[dict[str, Any]]:
     sampler = ResumableBatchSampler(len(dataset), batch_size, seed, rank, world_size, start)
@@ -50,5 +61,6 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, 
     # uses, or a resumed run (which creates it at another point of that RNG's sequence) would diverge
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                         persistent_workers=num_workers > 0, prefetch_factor=2 if num_workers > 0 else None,
-                        generator=torch.Generator().manual_seed(seed + rank))
+                        generator=torch.Generator().manual_seed(seed + rank),
+                        worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     return iter(loader)
