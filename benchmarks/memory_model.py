@@ -1,12 +1,13 @@
 """Checks the per-rank memory model (`ssl_zoo.engine.memory_model`) against per-rank peaks measured on CPU.
 
-    python -m benchmarks.memory_model [--models vit_tiny vit_small] [--stages 1 2 3] [--steps 3] [--out DIR]
+    python -m benchmarks.memory_model [--models beit_tiny beit_small] [--stages 1 2 3] [--steps 3] [--out DIR]
 
 Every case is a fresh pair of processes (2 ranks over gloo) training the real pretraining step (PeCo MIM on
 a random-weight tokenizer of the configured size, synthetic images) through the real DeepSpeed engine for
 `--steps` steps. Each rank measures the peak of the tensor memory its CPU allocator hands out from just before
 the method is built (what `torch.cuda.max_memory_allocated` is on a GPU, and what the model counts): torch's
-profiler with `profile_memory` reports every allocation with the running total. Resident memory (VmHWM over
+profiler with `profile_memory` reports every allocation with the running total, kept by the CPU allocator for
+every thread (`_count_every_thread`). Resident memory (VmHWM over
 the same window, with glibc told to map large blocks, `MALLOC_ENV`) is written beside it: it also holds what
 no GPU would (oneDNN's and gloo's buffers, the Python heap) and, for DeepSpeed's buckets allocated whole, only
 the pages written. `--zero` sets DeepSpeed `zero_optimization` keys for the run and the model alike (the
@@ -18,13 +19,14 @@ Prints a table and writes `memory_model-<time>.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch.multiprocessing as mp
 
@@ -32,8 +34,8 @@ from benchmarks.throughput_memory import MALLOC_ENV, MIB
 
 #: model -> (overrides, per-rank micro-batch): sizes where activations and model states both matter
 MODELS = {
-    "vit_tiny": (["model=beit_tiny", "model.img_size=128"], 32),
-    "vit_small": (["model=beit_small", "model.img_size=128"], 16),
+    "beit_tiny": (["model=beit_tiny", "model.img_size=128"], 32),
+    "beit_small": (["model=beit_small", "model.img_size=128"], 16),
 }
 #: the `zero_optimization` keys of the check (elements): buckets of a size comparable with ViT-Tiny/Small
 SMALL_BUCKETS = {"reduce_bucket_size": 2_000_000, "allgather_bucket_size": 2_000_000,
@@ -81,7 +83,8 @@ def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> N
     deepspeed_strategy.deepspeed_config = with_zero_keys
     probe = MemoryProbe(device)
     baseline = probe.reset()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _count_every_thread(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                        profile_memory=True) as prof:
         seed_everything(cfg.seed)
         method = method_cls(cfg)
         trainable, frozen, _ = count_parameters(method)
@@ -103,9 +106,32 @@ def _rank(rank: int, world: int, port: int, case: dict[str, Any], out: str) -> N
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
+@contextlib.contextmanager
+def _count_every_thread() -> Iterator[None]:
+    """Within it, the CPU allocator's running total counts frees on every thread, not only the profiled one.
+
+    Under `profile_memory` alone, c10's `ProfiledCPUMemoryReporter` subtracts a freed block only when the free
+    runs on a thread the profiler is enabled on. ZeRO-3's collectives are asynchronous: gloo's `Work` objects
+    hold the all-gather and reduce-scatter buffers, and when the last reference goes on a gloo worker thread
+    the block stays in the total for good (the peak then grew by a few times the parameters, varying by rank
+    and run). Its flag `caffe2_report_cpu_memory_usage` makes the reporter keep the total for all threads;
+    c10 exports it, and sets it nowhere else."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(str(Path(torch.__file__).parent / "lib" / "libc10.so"))
+    flag = ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage")
+    before, flag.value = flag.value, True
+    try:
+        yield
+    finally:
+        flag.value = before
+
+
 def _allocated_peak(prof: Any) -> float:
-    """The largest running total of allocated CPU tensor bytes over the profiled window (the profiler counts
-    the blocks allocated inside it; frees of earlier blocks are not subtracted)."""
+    """The largest running total of allocated CPU tensor bytes over the profiled window (the total counts
+    the blocks allocated inside it, on any thread; frees of earlier blocks are not subtracted)."""
     from torch._C._profiler import _EventType
 
     peak, stack = 0, list(prof.profiler.kineto_results.experimental_event_tree())

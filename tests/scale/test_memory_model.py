@@ -105,3 +105,27 @@ def test_benchmark_reads_the_peak_of_allocated_tensor_memory() -> None:
         c = torch.ones(2_000_000)  # 8 MB: below the earlier peak
         del c
     assert _allocated_peak(prof) == 16_000_000
+
+
+def test_benchmark_counts_blocks_freed_on_another_thread() -> None:
+    """ZeRO-3's gloo collectives drop their buffers on gloo's threads; the peak must not keep them."""
+    import threading
+
+    import torch
+
+    from benchmarks.memory_model import _allocated_peak, _count_every_thread
+
+    def three_blocks_freed_elsewhere() -> float:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            for _ in range(3):
+                box = [torch.ones(1_000_000)]  # 4 MB, its last reference dropped on another thread
+                worker = threading.Thread(target=box.clear)
+                worker.start()
+                worker.join()
+            torch.ones(500_000)  # 2 MB, after the three are gone
+        return _allocated_peak(prof)
+
+    with _count_every_thread():
+        counted = three_blocks_freed_elsewhere()  # 4 MB over what the process held counted before
+    # the profiler alone subtracts none of the three frees: 2 x 4 MB more, and 2 MB on top of the 12
+    assert three_blocks_freed_elsewhere() - counted == 10_000_000
