@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from ssl_zoo import config as config_lib
-from ssl_zoo.data.loader import make_loader
+from ssl_zoo.data.loader import close_loader, make_loader
 from ssl_zoo.data.transforms import DefaultTransform
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
@@ -107,6 +107,7 @@ def train(cfg: DictConfig, should_stop: Callable[[], bool] | None = None) -> dic
                            monitor)
         summary = _finish(cfg, strategy, checkpoints, logger, counts, last_batch, started, resumed_from, device)
     finally:
+        close_loader(batches)
         logger.close()
         dist.shutdown()
     return summary

@@ -88,3 +88,20 @@ def test_a_sigterm_to_the_whole_process_group_stops_cleanly_with_loader_workers(
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr[-3000:]
     assert "stopped by SIGTERM after saving" in stderr.splitlines()[-1]
     assert len(list((run / "checkpoints").glob("step-*"))) == 1
+
+
+
+def test_training_ends_its_loader_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers ignore SIGTERM (above), so training must end them itself, even while something still holds
+    the loader: at exit, multiprocessing would SIGTERM them and then wait for them forever."""
+    import multiprocessing
+
+    import ssl_zoo.train as train_lib
+    from ssl_zoo.config import load_config
+
+    held = []
+    make_loader = train_lib.make_loader
+    monkeypatch.setattr(train_lib, "make_loader", lambda *a, **k: held.append(make_loader(*a, **k)) or held[-1])
+    args = [o for o in TINY_TOY if not o.startswith(("data.num_workers=", "trainer.max_steps=", "method.step_delay"))]
+    train_lib.train(load_config([*args, "data.num_workers=2", "trainer.max_steps=3", f"output_dir={tmp_path}"]))
+    assert held and multiprocessing.active_children() == []

@@ -49,7 +49,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 def ignore_stop_signals(worker_id: int) -> None:
     """A loading worker leaves the stop signals to the main process. `scancel`, `kill -- -PGID` and `docker stop`
     signal every process of the job: a worker that died of it would fail the step the main process finishes
-    before it saves its checkpoint. Workers end with the main process (the DataLoader watches its parent)."""
+    before it saves its checkpoint. So the main process must end them itself: `close_loader`, on every way out
+    of training (multiprocessing's own exit hook would SIGTERM them and then wait forever)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
@@ -64,3 +65,10 @@ def make_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int, 
                         generator=torch.Generator().manual_seed(seed + rank),
                         worker_init_fn=ignore_stop_signals if num_workers > 0 else None)
     return iter(loader)
+
+
+def close_loader(batches: Iterator[dict[str, Any]]) -> None:
+    """Stop the loading workers of a `make_loader` iterator now (they ignore SIGTERM); no-op without workers."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-process iterator
+    if shutdown is not None:
+        shutdown()
