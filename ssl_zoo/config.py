@@ -44,7 +44,7 @@ SECTION_REGISTRIES: dict[str, Registry[Any]] = {
 
 #: trainer keys that became the strategy's (`trainer.strategy=X` is now the group choice `strategy=X`, the others
 #: keys of the chosen strategy's section): still read, with a deprecation note
-DEPRECATED_TRAINER_KEYS = ("strategy", "zero_stage", "offload_optimizer", "offload_params")
+DEPRECATED_TRAINER_KEYS = ("strategy", "zero_stage", "offload_optimizer", "offload_params", "find_unused_parameters")
 
 
 @dataclasses.dataclass
@@ -67,7 +67,6 @@ class TrainerConfig:
     compile: bool = False
     device: str = checked("auto", choices=("auto", "cpu", "cuda"))
     activation_checkpointing: bool = False  # recompute activations in backward (timm's set_grad_checkpointing)
-    find_unused_parameters: bool = True
     log_every: int = checked(10, ge=1)
     checkpoint_every: int = checked(50, ge=1)
     keep_checkpoints: int = checked(2, ge=1)

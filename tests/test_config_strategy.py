@@ -26,7 +26,8 @@ def test_deepspeed_keys_live_in_the_strategy_section() -> None:
     assert OmegaConf.to_container(cfg.strategy) == {"name": "deepspeed", "zero_stage": 3, "offload_optimizer": True,
                                                     "offload_params": False}
     assert not {"strategy", "zero_stage", "offload_optimizer", "offload_params"} & set(cfg.trainer)
-    assert OmegaConf.to_container(load_config(TOY).strategy) == {"name": "auto"}
+    assert OmegaConf.to_container(load_config(TOY).strategy) == {"name": "auto", "find_unused_parameters": True}
+    assert OmegaConf.to_container(load_config([*TOY, "strategy=single"]).strategy) == {"name": "single"}
 
 
 def test_the_old_trainer_spellings_give_the_same_config_and_one_note_each(notes: pytest.CaptureFixture) -> None:
@@ -47,7 +48,7 @@ def test_an_older_config_yaml_is_read_with_its_strategy_keys_moved(notes: pytest
     old["trainer"].update(strategy="deepspeed", zero_stage=3, offload_optimizer=False, offload_params=False)
     assert from_container(old).strategy.zero_stage == 3 and "zero_stage" not in from_container(old).trainer
     old["trainer"]["strategy"] = "auto"  # a plain run's: zero_stage meant nothing there, and is dropped
-    assert OmegaConf.to_container(from_container(old).strategy) == {"name": "auto"}
+    assert OmegaConf.to_container(from_container(old).strategy) == {"name": "auto", "find_unused_parameters": True}
     err = notes.readouterr().err.splitlines()
     assert len(err) == 1 and "trainer.zero_stage" in err[0] and "strategy section" in err[0]
 
@@ -63,11 +64,25 @@ def test_an_older_config_yaml_is_read_with_its_strategy_keys_moved(notes: pytest
     (["strategy.zero_stage=3"], "(strategy.zero_stage is a key of strategy=deepspeed: add that choice)"),
     (["strategy=deepspeed", "strategy.offload_params=true"], "strategy.offload_params needs strategy.zero_stage=3"),
     (["strategy=deepspeed", "strategy.zero_stage=3", "trainer.visualize_every=5"], "strategy.zero_stage=2"),
+    (["strategy=single", "strategy.find_unused_parameters=false"],
+     "(strategy.find_unused_parameters is a key of strategy=auto or strategy=ddp: add that choice)"),
+    (["strategy=single", "launcher.nprocs=2"], "strategy=single runs one process, but launcher=local starts 2; "
+                                               "choose strategy=ddp (or auto)"),
+    (["strategy=single", "launcher=slurm", "launcher.tasks_per_node=2"], "launcher=slurm starts 2"),
 ])
 def test_a_wrong_strategy_value_is_one_line_naming_the_key(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config([*TOY, *overrides])
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_ddps_flag_moved_from_trainer_to_the_strategy(notes: pytest.CaptureFixture) -> None:
+    new = load_config([*TOY, "strategy=ddp", "strategy.find_unused_parameters=false"])
+    assert new.strategy.find_unused_parameters is False and "find_unused_parameters" not in new.trainer
+    old = load_config([*TOY, "strategy=ddp", "trainer.find_unused_parameters=false"])
+    assert OmegaConf.to_container(old) == OmegaConf.to_container(new)
+    assert notes.readouterr().err.strip() == ("note: trainer.find_unused_parameters=false is deprecated; "
+                                              "write strategy.find_unused_parameters=false")
 
 
 def test_help_lists_the_strategy_group_and_its_keys() -> None:

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.method import Method, StepOutput
 from ssl_zoo.registry import STRATEGIES
+from ssl_zoo.schema import ConfigError
 
 
 @dataclasses.dataclass
@@ -210,7 +211,7 @@ class TorchStrategy(StepSkeleton):
         if dist.world_size() > 1:
             model = DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None,
-                find_unused_parameters=self.trainer.find_unused_parameters)
+                find_unused_parameters=cfg.strategy.find_unused_parameters)
         self.model = torch.compile(model) if self.trainer.compile else model
         self.optimizer = build_optimizer(self.method, self.trainer)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -271,18 +272,40 @@ class TorchStrategy(StepSkeleton):
         return self.method.state_dict()
 
 
+def _world_size_of(root: DictConfig) -> int:
+    """How many processes the chosen launcher starts (local: `nprocs`; SLURM: nodes x tasks per node)."""
+    launcher = root.launcher
+    return int(launcher.get("nprocs", 1)) * int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
+
+
 @dataclasses.dataclass
-class TorchStrategyConfig:
-    """Section `strategy` of `strategy=auto|single|ddp`: plain torch, which runs one process as it is and wraps
-    several in DDP, so the three are one builder with no keys of their own (`auto`, the default, says "by the
-    world size"; DDP's `find_unused_parameters` is a trainer key)."""
+class SingleStrategyConfig:
+    """Section `strategy` of `strategy=single`: plain torch in one process, no keys of its own."""
+
+    name: str = "single"
+
+    @staticmethod
+    def validate(section: DictConfig, root: DictConfig) -> None:
+        processes = _world_size_of(root)
+        if processes > 1:
+            raise ConfigError(f"strategy=single runs one process, but launcher={root.launcher.name} starts "
+                              f"{processes}; choose strategy=ddp (or auto) for several processes")
+
+
+@dataclasses.dataclass
+class DDPStrategyConfig:
+    """Section `strategy` of `strategy=ddp|auto`: plain torch, wrapped in DDP when there are several processes
+    (`auto`, the default, says "by the world size"; one process runs as it is under both)."""
 
     name: str = "auto"
+    # DDP's flag: true tolerates a step that leaves a trainable parameter without a gradient (an error under
+    # false); false spares DDP a walk over the autograd graph each step when every parameter always gets one
+    find_unused_parameters: bool = True
 
 
-@STRATEGIES.register("auto", schema=TorchStrategyConfig)
-@STRATEGIES.register("single", schema=TorchStrategyConfig)
-@STRATEGIES.register("ddp", schema=TorchStrategyConfig)
+@STRATEGIES.register("single", schema=SingleStrategyConfig)
+@STRATEGIES.register("auto", schema=DDPStrategyConfig)
+@STRATEGIES.register("ddp", schema=DDPStrategyConfig)
 def build_torch_strategy(cfg: DictConfig, method: Method, device: torch.device) -> TorchStrategy:
     return TorchStrategy(cfg, method, device)
 
