@@ -26,6 +26,8 @@ FORMATS = ("auto", "mocov3", "dino", "timm")
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a .safetensors or torch file without executing arbitrary pickled code."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"checkpoint '{path}' is a folder; give the weights file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if path.suffix == ".safetensors":
@@ -97,8 +99,14 @@ def load_strict(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> 
 
 
 def tokenizer_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tokenizer's weights from a stage-1 export (`method.safetensors`, keys `tokenizer.*`) or from a
-    file that holds the tokenizer alone."""
+    """The tokenizer's weights from a stage-1 export (`method.safetensors`, keys `tokenizer.*`; its folder or
+    the stage-1 run's folder, as `runs/peco/tokenizer`, name it too) or from a file that holds the tokenizer
+    alone."""
+    path = Path(path)
+    for inside in ("export/method.safetensors", "method.safetensors"):
+        if path.is_dir() and (path / inside).is_file():
+            path = path / inside
+            break
     state = read_checkpoint(path)
     state = state.get("model", state) if isinstance(state.get("model"), dict) else state
     return _strip(state, "tokenizer.")

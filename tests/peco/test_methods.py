@@ -159,6 +159,22 @@ def test_activation_checkpointing_without_a_hook_is_refused() -> None:
         TorchStrategy(cfg, PecoTokenizer(cfg), torch.device("cpu"))
 
 
+def test_stage2_takes_the_tokenizer_runs_folder_or_its_export_folder(tokenizer_export: Path, tmp_path: Path) -> None:
+    """`method.tokenizer.checkpoint=runs/peco/tokenizer` (the folder stage 1 wrote) works as its file does."""
+    run = tmp_path / "tokenizer"
+    (run / "export").mkdir(parents=True)
+    (run / "export" / "method.safetensors").write_bytes(tokenizer_export.read_bytes())
+    expected = Peco(load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"]))
+    for folder in (run, run / "export"):
+        method = Peco(load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={folder}"]))
+        for (name, value), (_, wanted) in zip(method.tokenizer.state_dict().items(),
+                                              expected.tokenizer.state_dict().items()):
+            assert torch.equal(value, wanted), name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder; give the weights file in it"):
+        Peco(load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tmp_path / 'empty'}"]))
+
+
 def test_stage2_rejects_a_tokenizer_of_another_grid(tokenizer_export: Path) -> None:
     with pytest.raises(ConfigError, match="method.tokenizer.image_size': 64; .*patch grid"):  # when composed
         load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
