@@ -87,7 +87,9 @@ class QuantizerConfig:
 class TokenizerConfig:
     """The perceptual codebook: what stage 1 trains and stage 2 loads (frozen) as its target generator."""
 
-    checkpoint: Optional[str] = None  # stage-1 export (method.safetensors); None in stage 2 -> run stage 1 first
+    # stage-1 export: method.safetensors, its export/ folder or the stage-1 run's folder; None in stage 2 -> run
+    # stage 1 first
+    checkpoint: Optional[str] = None
     # tokenizer view; its token grid (image_size / factor) must equal the ViT patch grid. None: derived from
     # the model section (grid x factor), e.g. 48 for ViT-Tiny/16 at 96 px (f = 8), 256 for ViT-H/14 at 224 px (f = 16)
     image_size: Optional[int] = checked(None, ge=1)
