@@ -1,7 +1,8 @@
 """Where training progress goes: `metrics.jsonl`, TensorBoard, and a progress bar or log lines.
 
 Only rank 0 writes. On resume, lines for steps after the checkpoint (logged by the killed run before it
-died) are dropped, so the file reads as if the run had never stopped.
+died) are dropped, and a line the run logs again at the checkpoint's step (a finished run started again
+recomputes its end-of-run figures) is not written twice, so the file reads as if the run had never stopped.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = output_dir / "metrics.jsonl"
         self.last: dict[str, Any] = {}
+        self._start_step = start_step
+        self._keys_at_start: set[frozenset[str]] = set()  # key sets of the lines kept at start_step
         self._t0 = time.perf_counter()
         self._tb = None
         self._bar = None
@@ -39,10 +42,11 @@ class MetricsLogger:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in lines))
-        self.last = json.loads(lines[-1]) if lines else {}
+        kept = [(line, json.loads(line)) for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [(line, record) for line, record in kept if record["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line, _ in kept))
+        self.last = kept[-1][1] if kept else {}
+        self._keys_at_start = {frozenset(record) - {"step"} for _, record in kept if record["step"] == step}
 
     def progress(self, step: int) -> None:
         """Advance the bar; it shows the figures of the last log step (reading them every step would
@@ -56,6 +60,8 @@ class MetricsLogger:
         record = {"step": step, **{k: round(float(v), 7) if k in TIMING_KEYS else float(v)
                                     for k, v in values.items()}}
         self.last = record
+        if step == self._start_step and frozenset(values) in self._keys_at_start:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for key, value in values.items():
