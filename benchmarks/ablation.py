@@ -4,7 +4,10 @@
 
 Variants, all at the same compute (the same steps, batch and model in both stages; only the stage-1 loss weights
 differ): `peco` (pixel + perceptual codebook), `pixel` (perceptual weight 0: BEiT-style VQ target), `perceptual`
-(pixel weight 0, optional), `random` (no pretraining: the same ViT at random initialisation). Each pretraining
+(pixel weight 0, optional), `random` (no pretraining: the same ViT at random initialisation), and optionally
+`mae` (the MAE plugin's main job, `method=mae`: the baseline PeCo's users compare against, with as many
+images in its one stage as PeCo's stage 2 has, and no tokenizer stage; its own ViT at random initialisation is
+the row `random_mae_vit`). Each pretraining
 run is the real main job (`python -m ssl_zoo.run method=peco ...`); its own end-of-run score gives kNN and
 linear probe on crop_id for the backbone and, from the same pass, for the same ViT at random initialisation
 (the `random` variant: same seed, so the same weights for every variant); fine-tuning on crop_id and every
@@ -37,6 +40,7 @@ VARIANTS = {  # stage-1 loss overrides
     "pixel": ["method.tokenizer_loss.perceptual_weight=0"],
     "perceptual": ["method.tokenizer_loss.pixel_weight=0"],
     "random": None,  # no pretraining
+    "mae": None,  # method=mae, not a PeCo codebook
 }
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FROM_RUN = {("crop_id", "knn"), ("crop_id", "linear")}  # read from the main job's end-of-run score
@@ -76,27 +80,44 @@ def _python(module: str, *overrides: str) -> None:
         raise RuntimeError(f"{module} {' '.join(overrides)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
 
 
+def final_summary(run: Path) -> Path:
+    """The summary of a run's last stage: PeCo's stage 2 (`mim/`) or a one-stage method's run folder."""
+    return run / "mim" / "summary.json" if (run / "mim").is_dir() else run / "summary.json"
+
+
+def mae_steps(mim_steps: int) -> int:
+    """MAE's steps for as many images as `mim_steps` PeCo stage-2 steps (each at its own default batch)."""
+    from ssl_zoo.config import load_config
+
+    peco, mae = load_config(["method=peco"]).trainer, load_config(["method=mae"]).trainer
+    return max(1, round(mim_steps * peco.batch_size / mae.batch_size))
+
+
 def pretrain(variant: str, seed: int, args: argparse.Namespace) -> Path:
     """One main job; a run of `--work` that already has its end-of-run score is reused, so the same command
     after an interruption continues where it stopped (a half-finished run resumes from its checkpoints)."""
     run = args.work / f"{variant}-s{seed}"
-    summary = run / "mim" / "summary.json"
+    summary = final_summary(run)
     if summary.is_file() and "linear_top1" in json.loads(summary.read_text()):
+        return run
+    common = [f"seed={seed}", f"output_dir={run}", "trainer.eval_at_end=true", "trainer.progress=false"]
+    if variant == "mae":
+        steps = [f"trainer.max_steps={mae_steps(args.mim_steps)}"] if args.mim_steps else []
+        _python("ssl_zoo.run", "method=mae", *common, *steps)
         return run
     steps = []
     if args.tokenizer_steps:
         steps.append(f"method.tokenizer_training.max_steps={args.tokenizer_steps}")
     if args.mim_steps:
         steps.append(f"trainer.max_steps={args.mim_steps}")
-    _python("ssl_zoo.run", "method=peco", f"seed={seed}", f"output_dir={run}", "trainer.eval_at_end=true",
-            "trainer.progress=false", *steps, *VARIANTS[variant])
+    _python("ssl_zoo.run", "method=peco", *common, *steps, *VARIANTS[variant])
     return run
 
 
 def end_of_run_scores(run: Path) -> dict[str, dict[str, float]]:
     """The main job's crop_id kNN and linear top-1 (ssl_zoo/evaluation/frozen.py: final_scores), for the
     backbone and for its architecture at random init: {"trained": {...}, "random": {...}}."""
-    summary = json.loads((run / "mim" / "summary.json").read_text())
+    summary = json.loads(final_summary(run).read_text())
     return {"trained": {p: summary[f"{p}_top1"] for p in ("knn", "linear")},
             "random": {p: summary[f"{p}_random_init"] for p in ("knn", "linear")}}
 
@@ -160,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     datasets = ["crop_id"] + (["fashion_mnist"] if FASHION_MNIST_DIR.is_dir() and not args.no_fashion_mnist else [])
     rows: dict[str, dict[str, list[float]]] = {v: {} for v in args.variants}
+    if "mae" in args.variants:
+        rows["random_mae_vit"] = {}
     runs: dict[int, Path] = {}
     base = args.out / f"ablation-{time.strftime('%Y%m%d-%H%M%S')}"
     for done, seed in enumerate(args.seeds, start=1):
@@ -167,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
             if variant == "random":
                 continue
             run = pretrain(variant, seed, args)
-            runs.setdefault(seed, run)
-            stage1 = json.loads((run / "tokenizer" / "summary.json").read_text())
-            rows[variant].setdefault("tokenizer_psnr", []).append(stage1["heldout_psnr"])
-            rows[variant].setdefault("bag_of_codes_linear", []).append(bag_of_codes_probe(run, seed))
+            if variant != "mae":
+                runs.setdefault(seed, run)
+                stage1 = json.loads((run / "tokenizer" / "summary.json").read_text())
+                rows[variant].setdefault("tokenizer_psnr", []).append(stage1["heldout_psnr"])
+                rows[variant].setdefault("bag_of_codes_linear", []).append(bag_of_codes_probe(run, seed))
             scores = end_of_run_scores(run)
             for data in datasets:
                 for protocol in args.protocols:
@@ -179,14 +203,17 @@ def main(argv: list[str] | None = None) -> int:
                     rows[variant].setdefault(f"{data}_{protocol}", []).append(value)
             print(f"[{time.perf_counter() - started:.0f}s] {variant} seed {seed}: "
                   f"{ {k: round(v[-1], 4) for k, v in rows[variant].items()} }", flush=True)
-        if "random" in args.variants:
-            architecture = runs.get(seed) or pretrain("peco", seed, args)
+        floors = {"random": "peco", "random_mae_vit": "mae"}  # random-init row -> the run of its architecture
+        for floor, method in floors.items():
+            if floor not in rows:
+                continue
+            architecture = (runs.get(seed) if method == "peco" else None) or pretrain(method, seed, args)
             scores = end_of_run_scores(architecture)
             for data in datasets:
                 for protocol in args.protocols:
                     value = (scores["random"][protocol] if (data, protocol) in FROM_RUN
                              else evaluate(None, architecture, protocol, data, seed, args))
-                    rows["random"].setdefault(f"{data}_{protocol}", []).append(value)
+                    rows[floor].setdefault(f"{data}_{protocol}", []).append(value)
         result = {
             "command": "python -m benchmarks.ablation " + " ".join(sys.argv[1:] if argv is None else argv),
             "short_run": bool(args.quick or args.tokenizer_steps or args.mim_steps),

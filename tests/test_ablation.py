@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.ablation import end_of_run_scores, markdown_table, mean_std, parse_args, plot
+from benchmarks.ablation import end_of_run_scores, mae_steps, markdown_table, mean_std, parse_args, plot
+from ssl_zoo.config import load_config
 
 
 def test_mean_and_sample_spread() -> None:
@@ -36,3 +37,17 @@ def test_end_of_run_scores_keep_the_backbone_and_random_init_apart(tmp_path: Pat
     (tmp_path / "mim" / "summary.json").write_text(json.dumps(summary))
     scores = end_of_run_scores(tmp_path)
     assert scores == {"trained": {"knn": 0.61, "linear": 0.70}, "random": {"knn": 0.52, "linear": 0.63}}
+
+
+def test_a_one_stage_methods_run_is_scored_from_its_own_summary(tmp_path: Path) -> None:
+    """MAE's run (the `mae` arm) has no `mim/` stage folder: its summary is the run's own."""
+    summary = {"knn_top1": 0.52, "knn_random_init": 0.59, "linear_top1": 0.66, "linear_random_init": 0.64}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    assert end_of_run_scores(tmp_path) == {"trained": {"knn": 0.52, "linear": 0.66},
+                                           "random": {"knn": 0.59, "linear": 0.64}}
+
+
+def test_the_mae_arm_sees_as_many_images_as_pecos_stage_two() -> None:
+    peco, mae = load_config(["method=peco"]).trainer, load_config(["method=mae"]).trainer
+    for mim_steps in (40, peco.max_steps, 300):
+        assert mae_steps(mim_steps) * mae.batch_size == mim_steps * peco.batch_size
