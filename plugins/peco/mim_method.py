@@ -74,8 +74,8 @@ class Peco(Method):
         path = section.tokenizer.checkpoint
         if path is None:
             raise ValueError("method=peco needs a trained tokenizer: set method.tokenizer.checkpoint=PATH "
-                             "(a stage-1 run's folder or its export/method.safetensors), or run `python -m ssl_zoo.run method=peco` "
-                             "without it to train one first")
+                             "(a stage-1 run's folder or its export/method.safetensors), or run "
+                             "`python -m ssl_zoo.run method=peco` without it to train one first")
         image_size = tokenizer_image_size(cfg)
         self.tokenizer = VQTokenizer(section.tokenizer, image_size, section.kernel_impl)
         load_strict(self.tokenizer, tokenizer_state(path), f"tokenizer checkpoint '{path}'")
