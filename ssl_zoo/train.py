@@ -24,6 +24,7 @@ from ssl_zoo.data.loader import close_loader, make_loader
 from ssl_zoo.data.transforms import DefaultTransform
 from ssl_zoo.engine import distributed as dist
 from ssl_zoo.engine.checkpoint import CheckpointManager, save_safetensors
+from ssl_zoo.engine.host_memory import keep_freed_memory
 from ssl_zoo.engine.logger import MetricsLogger
 from ssl_zoo.engine.strategy import Strategy, build_strategy, describe_precision
 from ssl_zoo.evaluation.frozen import KnnMonitor
@@ -43,12 +44,16 @@ class Preempted(Exception):
 
 
 def pick_device(name: str) -> torch.device:
+    """The device `trainer.device` names; on the CPU, the process also keeps its freed memory for the next
+    step (ssl_zoo/engine/host_memory.py)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
             raise RuntimeError("trainer.device=cuda but no CUDA GPU is visible; use trainer.device=cpu")
         return torch.device("cuda", dist.local_rank())
+    if name == "cpu":
+        keep_freed_memory()
     return torch.device(name)
 
 

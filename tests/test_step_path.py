@@ -213,7 +213,9 @@ def test_mim_head_gathers_the_masked_rows_as_boolean_indexing_would() -> None:
         row[torch.randperm(10)[:3]] = True
     targets = torch.randint(0, 32, (4, 10))
     hidden = torch.randn(4, 11, 16, requires_grad=True)
-    loss, accuracy = head(hidden[:, 1:], targets, mask, 0.1)
+    rows = head.masked_rows(mask)
+    masked_hidden = hidden[:, 1:].gather(1, rows[..., None].expand(-1, -1, 16))
+    loss, accuracy = head(masked_hidden, targets.gather(1, rows), 0.1)
     loss.backward()
     ours = hidden.grad.clone(), head.weight.grad.clone()
     hidden.grad = head.weight.grad = head.bias.grad = None

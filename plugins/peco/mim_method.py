@@ -54,13 +54,16 @@ class MimHead(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+    def masked_rows(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, N) boolean mask -> (B, num_masked) indices of its masked patches, in order."""
+        return mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :self.num_masked]
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor,
                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, C) tokens, (B, N) codes (in range: the tokenizer's), (B, N) mask -> (loss, accuracy)."""
-        rows = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :self.num_masked]
-        hidden = hidden.gather(1, rows.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        """(B, M, C) tokens of the masked patches and their (B, M) codes (in range: the tokenizer's) ->
+        (loss, accuracy)."""
         return ssl_zoo_kernels.masked_linear_cross_entropy(
-            hidden, self.weight, self.bias, targets.gather(1, rows), ignore_index=None,
+            hidden, self.weight, self.bias, targets, ignore_index=None,
             label_smoothing=label_smoothing, impl=self.kernel_impl, return_accuracy=True)
 
 
@@ -124,8 +127,9 @@ class Peco(Method):
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         mask = batch["mask"].flatten(1)
         targets = self.tokenizer.tokenize(batch["tokenizer_view"].contiguous(memory_format=self.memory_format))
-        hidden = self.backbone(batch["image"], mask)[:, 1:]
-        loss, accuracy = self.head(hidden, targets, mask, self.label_smoothing)
+        rows = self.head.masked_rows(mask)
+        hidden = self.backbone(batch["image"], mask, rows)  # (B, num_masked, C): the masked patches' tokens
+        loss, accuracy = self.head(hidden, targets.gather(1, rows), self.label_smoothing)
         metrics = {"mim_accuracy": accuracy.detach()}  # tensors: read at log steps only
         self.last_metrics = {"mim_loss": loss.detach(), **metrics}
         return StepOutput(loss, metrics)

@@ -103,3 +103,36 @@ def test_activation_checkpointing_recomputes_the_blocks_and_changes_no_number() 
     assert block_calls == len(net.blocks) and block_calls_ckpt == 2 * len(net.blocks)  # recomputed in backward
     assert torch.equal(out, out_ckpt)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, grads_ckpt))
+
+
+@pytest.mark.parametrize("per_block_bias", [False, True])
+def test_masked_rows_forward_equals_the_full_forward_at_those_rows(per_block_bias: bool) -> None:
+    """The MIM loss reads the masked patches only, so the last block computes just those: the same tokens
+    and the same gradients as the full forward gathered at the rows."""
+    torch.manual_seed(0)
+    net = BeitMIM(OmegaConf.structured(BeitConfig(**{**SMALL, "depth": 3, "drop_path_rate": 0.0})))
+    if per_block_bias:  # timm's per-block tables (as after the export) on top of the shared one
+        for blk in net.blocks:
+            blk.attn.relative_position_bias_table = torch.nn.Parameter(
+                torch.randn(net.rel_pos_bias.relative_position_bias_table.shape))
+            blk.attn.relative_position_index = net.rel_pos_bias.relative_position_index.clone()
+            blk.attn.window_size = net.rel_pos_bias.window_size
+    with torch.no_grad():
+        net.rel_pos_bias.relative_position_bias_table.normal_()
+    x = torch.randn(3, 3, 64, 64)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    for i, start in enumerate((0, 5, 9)):
+        mask[i, start:start + 6] = True
+    rows = mask.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :6]
+    weights = torch.randn(3, 6, SMALL["embed_dim"])
+
+    def loss_and_grads(tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        loss = (tokens * weights).sum()
+        return tokens, list(torch.autograd.grad(loss, list(net.parameters()), allow_unused=True))
+
+    full, full_grads = loss_and_grads(net(x, mask)[:, 1:].gather(1, rows.unsqueeze(-1).expand(-1, -1, 64)))
+    part, part_grads = loss_and_grads(net(x, mask, rows))
+    assert part.shape == (3, 6, 64)
+    assert torch.allclose(part, full, atol=1e-5)
+    for a, b in zip(full_grads, part_grads):
+        assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
