@@ -258,7 +258,14 @@ def _key_error(exc: OmegaConfBaseException, cfg: DictConfig, prefix: str = "") -
         fix = f"did you mean '{parent_path + '.' if parent_path else ''}{hint}'?" if hint else (
             f"valid keys here: {', '.join(map(str, valid))}")
         return ConfigError(f"unknown config key '{full_key}'; {fix}")
-    return ConfigError(f"bad value for config key '{full_key}': {exc.msg.splitlines()[0]}")
+    problem = exc.msg.splitlines()[0]
+    expected = next((fix for phrase, fix in _CONVERSION_FIXES.items() if phrase in problem), "")
+    return ConfigError(f"bad value for config key '{full_key}': {problem}" + (f"; give {expected}" if expected else ""))
+
+
+#: OmegaConf's wording of a value of the wrong type -> what to write instead
+_CONVERSION_FIXES = {"converted to Float": "a number, e.g. 1e-3", "converted to Integer": "a whole number, e.g. 100",
+                     "not a valid bool": "true or false"}
 
 
 def _typed_section(group: str, section: Any, table: Registry[Any]) -> DictConfig:

@@ -16,11 +16,14 @@ def test_composes_groups_and_typed_overrides():
 
 @pytest.mark.parametrize("overrides, expected", [
     (["trainer.lrr=1"], "unknown config key 'trainer.lrr'; did you mean 'trainer.lr'?"),
-    (["trainer.lr=abc"], "bad value for config key 'trainer.lr'"),
+    (["trainer.lr=abc"], "bad value for config key 'trainer.lr': Value 'abc' of type 'str' could not be converted to "
+                         "Float; give a number, e.g. 1e-3"),
     (["model.hiden=3"], "did you mean 'model.hidden'?"),
     (["data=embeded"], "unknown data 'embeded'; did you mean 'embedded'?"),
     (["data=flat_folder"], "config key 'data.root' has no value"),
     (["trainer.max_steps=1.5"], "bad value for config key 'trainer.max_steps'"),
+    (["trainer.max_steps=ten"], "could not be converted to Integer; give a whole number, e.g. 100"),
+    (["trainer.activation_checkpointing=maybe"], "is not a valid bool (type str); give true or false"),
 ])
 def test_bad_input_names_key_and_fix(overrides, expected):
     with pytest.raises(ConfigError) as err:
