@@ -12,11 +12,11 @@ from ssl_zoo.engine.host_memory import keep_freed_memory
 #: it prints the minor page faults each iteration took
 _LOOP = """
 import ctypes, ctypes.util, resource, sys, torch
-from ssl_zoo.engine.host_memory import keep_freed_memory
+from ssl_zoo.engine.host_memory import _M_MMAP_THRESHOLD, keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 else:  # glibc's starting mmap threshold, fixed: every 28 MiB block is a direct mapping, returned on free
-    assert ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 128 << 10)
+    assert ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD, 128 << 10)
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     buffers = [torch.ones(7 << 20) for _ in range(3)]
