@@ -48,6 +48,10 @@ class AutoencoderConfig:
     # (the decoder adds the detail): the tiny run reaches thumbnail-level colour within its short budget.
     # Not in VQGAN (the paper recipes turn it off; benchmarks/RESULTS.md compares the two)
     colour_skip: bool = True
+    # and each token's pixels through a linear path (pixel-unshuffle, 1x1 conv; back: 1x1 conv, pixel-shuffle):
+    # with it the tiny tokenizer's held-out PSNR passes the thumbnail's (benchmarks/RESULTS.md, session 11).
+    # Not in VQGAN either (the paper recipes turn it off)
+    patch_skip: bool = True
     z_channels: int = checked(64, ge=1)  # full scale: 256
     dropout: float = checked(0.0, ge=0, lt=1)
     # GroupNorm groups (VQGAN: 32 at width 128); >= 4 channels per group keeps colour
@@ -63,9 +67,10 @@ class AutoencoderConfig:
 
 @dataclass
 class QuantizerConfig:
-    """Vector quantiser. Full scale: 8192 x 256; tiny: 512 codes of dim 32 so most codes can be used."""
+    """Vector quantiser. Full scale: 8192 x 256; tiny: 1024 codes of dim 32 (512 carry no more than one average
+    colour per token: benchmarks/RESULTS.md, session 11)."""
 
-    num_codes: int = checked(512, ge=2)
+    num_codes: int = checked(1024, ge=2)
     dim: int = checked(32, ge=1)
     # "cosine": codes and inputs unit-normalised, BEiT v2 style
     metric: str = checked("l2", choices=("l2", "cosine"))
@@ -136,8 +141,9 @@ class GanConfig:
 
 @dataclass
 class TokenizerLossConfig:
-    # L1 (VQGAN, the paper recipes: 1.0, which lets the perceptual term trade PSNR for texture: RESULTS.md)
-    pixel_weight: float = checked(3.0, ge=0)
+    # L1 (VQGAN, the paper recipes: 1.0, which lets the perceptual term trade PSNR for texture; tiny: 30, with
+    # which the held-out perceptual distance still stays below the thumbnail's: RESULTS.md, session 11)
+    pixel_weight: float = checked(30.0, ge=0)
     perceptual_weight: float = checked(1.0, ge=0)
     codebook_weight: float = checked(1.0, ge=0)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)

@@ -10,7 +10,10 @@ Optionally (`colour_skip`, the tiny default, not VQGAN's) a linear colour path r
 the encoder adds a 1x1 projection of each token's average colour to the latent, the decoder adds a 1x1
 projection of the quantised latent to RGB, upsampled bilinearly. Joined through it alone they are the
 token-grid thumbnail, so a short run starts from there and the convs learn the detail; the colour still
-travels through the codes (decoding another image's codes gives its colours).
+travels through the codes (decoding another image's codes gives its colours). `patch_skip` (also the tiny
+default) does the same for each token's pixels: a linear map of the token's f x f x 3 pixels into the latent
+and back (pixel-unshuffle and pixel-shuffle around 1x1 convs), the classic patch-VQ coder, which in so short a
+run the conv stacks alone do not learn to match.
 """
 from __future__ import annotations
 
@@ -99,9 +102,12 @@ class Encoder(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.factor = 2 ** (len(widths) - 1)
         self.colour = nn.Conv2d(3, cfg.z_channels, 1) if cfg.colour_skip else None
+        self.patch = nn.Conv2d(3 * self.factor**2, cfg.z_channels, 1) if cfg.patch_skip else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.layers(x)
+        if self.patch is not None:  # each token's pixels, linearly
+            z = z + self.patch(F.pixel_unshuffle(x, self.factor))
         if self.colour is not None:  # each token's average colour, handed to the latent directly
             z = z + self.colour(F.avg_pool2d(x, self.factor))
         return z
@@ -127,9 +133,12 @@ class Decoder(nn.Module):
         self.last_layer = nn.Conv2d(cin, 3, 3, padding=1)
         self.factor = 2 ** (len(widths) - 1)
         self.colour = nn.Conv2d(cfg.z_channels, 3, 1) if cfg.colour_skip else None
+        self.patch = nn.Conv2d(cfg.z_channels, 3 * self.factor**2, 1) if cfg.patch_skip else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.last_layer(self.layers(z))
+        if self.patch is not None:
+            out = out + F.pixel_shuffle(self.patch(z), self.factor)
         if self.colour is not None:  # each token's colour, upsampled bilinearly: the decoder adds the detail
             out = out + F.interpolate(self.colour(z), scale_factor=float(self.factor), mode="bilinear",
                                       align_corners=False)

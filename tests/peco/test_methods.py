@@ -109,7 +109,8 @@ def test_gan_terms_reach_only_their_own_parameters() -> None:
     generator, _ = run(0, lambda m: weight * hinge_g_loss(m.discriminator(m.tokenizer(x)[0])))
     discriminator, _ = run(0, lambda m: hinge_d_loss(m.discriminator(x), m.discriminator(m.tokenizer(x)[0].detach())))
     for got, rec, adv in zip(grads(full.tokenizer), grads(no_gan.tokenizer), grads(generator.tokenizer)):
-        assert torch.allclose(got, rec + adv, rtol=1e-4, atol=1e-6)
+        # float32 rounding of a sum of two backward passes: relative to the gradient's largest entry
+        assert torch.allclose(got, rec + adv, rtol=1e-4, atol=1e-5 * float(got.abs().max()))
     for got, want in zip(grads(full.discriminator), grads(discriminator.discriminator)):
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
 
