@@ -48,7 +48,7 @@ class AutoencoderConfig:
     # (the decoder adds the detail): the tiny run reaches thumbnail-level colour within its short budget.
     # Not in VQGAN (the paper recipes turn it off; benchmarks/RESULTS.md compares the two)
     colour_skip: bool = True
-    # and each token's pixels through a linear path (pixel-unshuffle, 1x1 conv; back: 1x1 conv, pixel-shuffle):
+    # and each token's pixels through a linear path (pixel-unshuffle, 1x1 conv; back: 3x3 conv, pixel-shuffle):
     # with it the tiny tokenizer's held-out PSNR passes the thumbnail's (benchmarks/RESULTS.md, session 11).
     # Not in VQGAN either (the paper recipes turn it off)
     patch_skip: bool = True

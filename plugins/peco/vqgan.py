@@ -12,8 +12,9 @@ projection of the quantised latent to RGB, upsampled bilinearly. Joined through 
 token-grid thumbnail, so a short run starts from there and the convs learn the detail; the colour still
 travels through the codes (decoding another image's codes gives its colours). `patch_skip` (also the tiny
 default) does the same for each token's pixels: a linear map of the token's f x f x 3 pixels into the latent
-and back (pixel-unshuffle and pixel-shuffle around 1x1 convs), the classic patch-VQ coder, which in so short a
-run the conv stacks alone do not learn to match.
+(pixel-unshuffle, 1x1 conv) and back from it and its neighbours' (3x3 conv, pixel-shuffle: the neighbours let it
+blend across token edges instead of painting blocks), a learned patch-VQ coder, which in so short a run the
+conv stacks alone do not learn to match.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class Decoder(nn.Module):
         self.last_layer = nn.Conv2d(cin, 3, 3, padding=1)
         self.factor = 2 ** (len(widths) - 1)
         self.colour = nn.Conv2d(cfg.z_channels, 3, 1) if cfg.colour_skip else None
-        self.patch = nn.Conv2d(cfg.z_channels, 3 * self.factor**2, 1) if cfg.patch_skip else None
+        self.patch = nn.Conv2d(cfg.z_channels, 3 * self.factor**2, 3, padding=1) if cfg.patch_skip else None
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         out = self.last_layer(self.layers(z))

@@ -33,8 +33,10 @@ def test_patch_path_alone_can_carry_every_pixel() -> None:
         for conv in (encoder.layers[-1], decoder.last_layer):
             conv.weight.zero_()
             conv.bias.zero_()
+        encoder.patch.weight.copy_(torch.eye(12)[:, :, None, None])
+        decoder.patch.weight.zero_()
+        decoder.patch.weight[:, :, 1, 1] = torch.eye(12)  # the 3x3 conv's centre tap: the token's own latent
         for patch in (encoder.patch, decoder.patch):
-            patch.weight.copy_(torch.eye(12)[:, :, None, None])
             patch.bias.zero_()
         x = torch.rand(2, 3, 16, 16) * 2 - 1
         assert torch.allclose(decoder(encoder(x)), x, atol=1e-6)
