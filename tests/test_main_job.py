@@ -28,6 +28,10 @@ def test_main_job_trains_both_stages(cli, tmp_path):
     stage_summaries = json.loads((runs / "summary.json").read_text())
     assert [s["stage"] for s in stage_summaries] == ["tokenizer", "mim"]
     assert stage_summaries[0]["codebook_usage"] >= 0.5
+    tok = stage_summaries[0]  # issue 13's tokenizer bar, on held-out crops
+    assert tok["heldout_psnr"] > tok["heldout_psnr_thumbnail"], tok  # more than one average colour per token
+    assert tok["heldout_psnr"] > tok["heldout_psnr_shuffled"] + 5, tok  # the codes carry their own image
+    assert tok["heldout_perceptual"] < tok["heldout_perceptual_thumbnail"], tok  # closer than a blur
     assert 0 <= stage_summaries[1]["final_mim_accuracy"] <= 1
     for key in ("knn_top1", "knn_random_init", "linear_top1", "linear_random_init"):  # the score, beside its floor
         assert 0 <= stage_summaries[1][key] <= 1, key
