@@ -206,7 +206,13 @@ class PecoConfig:
     tokenizer_eval: TokenizerEvalConfig = field(default_factory=TokenizerEvalConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
-    label_smoothing: float = checked(0.0, ge=0, lt=1)
+    label_smoothing: float = checked(0.0, ge=0, lt=1)  # hard targets only
+    # None: each masked patch's target is its nearest code (BEiT, the paper recipes; the fused head + loss). A
+    # temperature: the softmax over the codebook of -squared distance / temperature of the patch's latent (in
+    # the quantiser's units; its mode is the nearest code), trained with a soft cross-entropy on the masked rows'
+    # full logits. Tiny default 1.0: more of what the tokenizer knows per target, so more per step of a 200-step
+    # stage 2 (crop_id linear probe vs temperature: benchmarks/RESULTS.md, session 12)
+    soft_target_temperature: Optional[float] = checked(1.0, gt=0)
 
     @staticmethod
     def validate(method: DictConfig, root: DictConfig) -> None:
@@ -220,6 +226,10 @@ class PecoConfig:
             raise bad_value("method.tokenizer.image_size", size,
                             f"a tokenizer view of {patch_grid * factor} px (token grid {patch_grid} x {patch_grid} = "
                             f"the patch grid, downsampling factor {factor}); or leave it unset to derive it")
+        if method.soft_target_temperature is not None and method.label_smoothing > 0:
+            raise bad_value("method.label_smoothing", method.label_smoothing,
+                            "0 with soft targets (a distribution needs no smoothing), or "
+                            "method.soft_target_temperature=null for hard targets")
         if method.mask.num_masked > patch_grid**2:
             raise bad_value("method.mask.num_masked", method.mask.num_masked,
                             f"<= the {patch_grid} x {patch_grid} = {patch_grid**2} patches of the grid")

@@ -3,7 +3,9 @@
 Per sample: one crop gives the ViT view and the tokenizer view, plus a block mask. The frozen tokenizer maps
 its view to code indices; the ViT sees its view with the masked patches replaced by the mask token; a linear
 head over the vocabulary predicts the codes of the masked patches only, trained with cross-entropy through
-the fused `ssl_zoo_kernels.masked_linear_cross_entropy`.
+the fused `ssl_zoo_kernels.masked_linear_cross_entropy`. With `method.soft_target_temperature` the target of
+each masked patch is instead a distribution over the codebook (see `VQTokenizer.soft_tokenize`), trained with a
+soft cross-entropy on the masked rows' logits.
 
 Without `method.tokenizer.checkpoint`, `stages()` makes the run two-stage: first `method=peco_tokenizer`
 (trained with `method.tokenizer_training.*` as its trainer settings), then this method on its export.
@@ -15,6 +17,7 @@ from typing import Any, Callable
 
 import ssl_zoo_kernels
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from timm.layers import trunc_normal_
 from torch import nn
@@ -60,8 +63,12 @@ class MimHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor,
                 label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, M, C) tokens of the masked patches and their (B, M) codes (in range: the tokenizer's) ->
-        (loss, accuracy)."""
+        """(B, M, C) tokens of the masked patches and their targets -> (loss, accuracy). Targets: (B, M) codes (in
+        range: the tokenizer's), or (B, M, vocab) distributions (soft targets; accuracy against their modes)."""
+        if targets.dim() == 3:
+            log_probs = F.linear(hidden, self.weight, self.bias).float().log_softmax(dim=-1)
+            loss = -(targets * log_probs).sum(-1).mean()
+            return loss, (log_probs.argmax(-1) == targets.argmax(-1)).float().mean()
         return ssl_zoo_kernels.masked_linear_cross_entropy(
             hidden, self.weight, self.bias, targets, ignore_index=None,
             label_smoothing=label_smoothing, impl=self.kernel_impl, return_accuracy=True)
@@ -73,6 +80,7 @@ class Peco(Method):
         super().__init__()
         section = cfg.method
         self.label_smoothing = section.label_smoothing
+        self.soft_target_temperature = section.soft_target_temperature
         self.backbone = BACKBONES.build(cfg.model)
         path = section.tokenizer.checkpoint
         if path is None:
@@ -126,10 +134,14 @@ class Peco(Method):
     # ---- training ----------------------------------------------------------------------------
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> StepOutput:
         mask = batch["mask"].flatten(1)
-        targets = self.tokenizer.tokenize(batch["tokenizer_view"].contiguous(memory_format=self.memory_format))
+        view = batch["tokenizer_view"].contiguous(memory_format=self.memory_format)
         rows = self.head.masked_rows(mask)
+        if self.soft_target_temperature is None:
+            targets = self.tokenizer.tokenize(view).gather(1, rows)
+        else:
+            targets = self.tokenizer.soft_tokenize(view, rows, self.soft_target_temperature)
         hidden = self.backbone(batch["image"], mask, rows)  # (B, num_masked, C): the masked patches' tokens
-        loss, accuracy = self.head(hidden, targets.gather(1, rows), self.label_smoothing)
+        loss, accuracy = self.head(hidden, targets, self.label_smoothing)
         metrics = {"mim_accuracy": accuracy.detach()}  # tensors: read at log steps only
         self.last_metrics = {"mim_loss": loss.detach(), **metrics}
         return StepOutput(loss, metrics)

@@ -84,6 +84,11 @@ class VectorQuantizer(nn.Module):
         )
         return indices
 
+    def squared_distances(self, z_flat: torch.Tensor) -> torch.Tensor:
+        """(N, D) vectors -> (N, num_codes) squared distances to every code, under the lookup's metric."""
+        z_flat, codes = self._prepare(z_flat), self.codes().detach().float()
+        return (z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ codes.t() + codes.pow(2).sum(1)).clamp_min(0)
+
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, D, H, W) encoder outputs -> (B, H, W) code indices (no statistics, no updates)."""

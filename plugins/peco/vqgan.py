@@ -181,3 +181,13 @@ class VQTokenizer(nn.Module):
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         """Code indices (B, H/f * W/f): the MIM targets of stage 2."""
         return self.quantizer.encode(self.encode_latent(images)).flatten(1)
+
+    @torch.no_grad()
+    def soft_tokenize(self, images: torch.Tensor, rows: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Soft MIM targets of the token positions `rows` (B, M): a distribution over the codebook per position,
+        softmax(-squared distance / temperature) of its latent to each code, (B, M, num_codes). Its mode is the
+        code `tokenize` gives; as the temperature falls it becomes that code's one-hot."""
+        latents = self.encode_latent(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        latents = latents.gather(1, rows.unsqueeze(-1).expand(-1, -1, latents.shape[-1]))
+        distances = self.quantizer.squared_distances(latents.flatten(0, 1)).view(*rows.shape, -1)
+        return torch.softmax(-distances / temperature, dim=-1)

@@ -124,15 +124,27 @@ def test_tokenizer_visualisations_are_written(tmp_path: Path) -> None:
     assert grid.width > grid.height  # 4 pairs (input, reconstruction) side by side in one row
 
 
-def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer_export: Path) -> None:
-    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"])
-    method = Peco(cfg)
-    frozen = {k: v.clone() for k, v in method.tokenizer.state_dict().items()}
+def stage2_batch(cfg) -> dict:
     gen = torch.Generator().manual_seed(0)
     masks = torch.stack([torch.randperm(4, generator=gen) < 2 for _ in range(8)]).view(8, 2, 2)
     x = torch.cat([images(), images().flip(0)])
-    batch = {"image": x, "tokenizer_view": tokenizer_view(cfg, x), "mask": masks}
-    losses = train(method, batch, steps=30, lr=3e-3)
+    return {"image": x, "tokenizer_view": tokenizer_view(cfg, x), "mask": masks}
+
+
+@pytest.mark.parametrize("temperature", ["null", "1.0"])
+def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer_export: Path,
+                                                                        temperature: str) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                       f"method.soft_target_temperature={temperature}"])
+    method = Peco(cfg)
+    frozen = {k: v.clone() for k, v in method.tokenizer.state_dict().items()}
+    batch = stage2_batch(cfg)
+    floor = 0.0  # the targets' entropy: what a soft cross-entropy keeps when the prediction is perfect
+    if temperature != "null":
+        rows = method.head.masked_rows(batch["mask"].flatten(1))
+        soft = method.tokenizer.soft_tokenize(batch["tokenizer_view"], rows, float(temperature))
+        floor = float(-(soft * soft.clamp_min(1e-12).log()).sum(-1).mean())
+    losses = [loss - floor for loss in train(method, batch, steps=30, lr=3e-3)]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
     out = method.training_step(batch, 30)
     assert 0.0 <= out.metrics["mim_accuracy"] <= 1.0
@@ -141,6 +153,42 @@ def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer
     assert "final_mim_accuracy" in method.summary()
     exported = method.backbone_state_dict()
     assert "blocks.1.attn.relative_position_bias_table" in exported and "mask_token" not in exported
+
+
+def test_soft_targets_are_distributions_whose_mode_is_the_nearest_code(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"])
+    method = Peco(cfg).eval()
+    batch = stage2_batch(cfg)
+    rows = method.head.masked_rows(batch["mask"].flatten(1))
+    hard = method.tokenizer.tokenize(batch["tokenizer_view"]).gather(1, rows)
+    soft = method.tokenizer.soft_tokenize(batch["tokenizer_view"], rows, 1.0)
+    assert soft.shape == (*rows.shape, method.tokenizer.vocab_size)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(rows.shape))
+    assert torch.equal(soft.argmax(-1), hard)
+    assert (soft.max(-1).values < 0.999).any()  # at this temperature, more than the nearest code
+    cold = method.tokenizer.soft_tokenize(batch["tokenizer_view"], rows, 1e-6)
+    torch.testing.assert_close(cold, torch.nn.functional.one_hot(hard, method.tokenizer.vocab_size).float())
+
+
+def test_soft_loss_of_one_hot_targets_is_the_fused_hard_loss(tokenizer_export: Path) -> None:
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"])
+    head = Peco(cfg).head
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 2, head.in_features)
+    codes = torch.randint(0, head.out_features, (3, 2))
+    hard_loss, hard_accuracy = head(hidden, codes, 0.0)
+    soft_loss, soft_accuracy = head(hidden, torch.nn.functional.one_hot(codes, head.out_features).float(), 0.0)
+    torch.testing.assert_close(soft_loss, hard_loss)
+    torch.testing.assert_close(soft_accuracy, hard_accuracy)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.label_smoothing=0.1", "method.label_smoothing"),
+    ("method.soft_target_temperature=0", "method.soft_target_temperature"),
+])
+def test_bad_soft_target_settings_are_one_line_errors(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        load_config(["method=peco", override])
 
 
 def test_trainer_activation_checkpointing_reaches_the_backbone_in_the_plain_strategy(tokenizer_export: Path) -> None:
