@@ -37,16 +37,14 @@ from benchmarks.throughput_memory import MALLOC_ENV
 from benchmarks.throughput_report import markdown, plot
 
 ROOT = Path(__file__).resolve().parent
-#: the paper's stage-2 loss (hard targets through the fused head + loss), not the tiny default's soft targets
-HARD_TARGETS = ["method.soft_target_temperature=null"]
-BASE = ["method=peco", "model=beit_base", "data=synthetic", *HARD_TARGETS]
+BASE = ["method=peco", "model=beit_base", "data=synthetic"]
 #: the paper's tokenizer (VQGAN f=16 encoder of width 128, 8192 codes x 256), random weights
 PAPER_TOKENIZER = ["method.tokenizer.autoencoder.channel_mult=[1,1,2,2,4]",
                    "method.tokenizer.autoencoder.base_width=128", "method.tokenizer.autoencoder.num_res_blocks=2",
                    "method.tokenizer.autoencoder.z_channels=256", "method.tokenizer.autoencoder.norm_groups=32",
                    "method.tokenizer.quantizer.num_codes=8192", "method.tokenizer.quantizer.dim=256"]
 MASK_224 = ["method.mask.num_masked=75", "method.mask.min_block=16"]  # BEiT at 224 px: 75 of 196
-ZERO_MODEL = ["method=peco", "model=beit_huge", "strategy=deepspeed", "trainer.precision=bf16", *HARD_TARGETS]
+ZERO_MODEL = ["method=peco", "model=beit_huge", "strategy=deepspeed", "trainer.precision=bf16"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -160,7 +158,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
                   "overrides": main, "warmup": args.main_warmup, "repeats": args.main_repeats, "parts": True,
                   "warmup_batch": args.main_warmup_batch or None}],
     }
-    small = ["method=peco", f"model={args.sweep_model}", "data=synthetic", *HARD_TARGETS, *args.overrides]
+    small = ["method=peco", f"model={args.sweep_model}", "data=synthetic", *args.overrides]
     if args.sweep_model in ("beit_base", "beit_large", "beit_huge"):
         small += [*tokenizer, *MASK_224]
     batches = [int(b) for b in args.sweep_batches.split(",") if b]
@@ -177,7 +175,7 @@ def plan(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
         if not args.no_recompute:
             jobs["recompute"] = [{**case("recompute", middle, f"trainer.precision={args.precision}"),
                                   "variants": ["fused", "recompute"], "parts": True}]
-    jobs["sizes"] = [{"name": f"size_{m}", "overrides": ["method=peco", f"model={m}", "data=synthetic", *HARD_TARGETS, "model.img_size=224",
+    jobs["sizes"] = [{"name": f"size_{m}", "overrides": ["method=peco", f"model={m}", "data=synthetic", "model.img_size=224",
                                                          *MASK_224, f"trainer.batch_size={args.sizes_batch}",
                                                          f"trainer.precision={args.precision}"],
                       "warmup": args.warmup, "repeats": args.repeats} for m in args.sizes.split(",") if m]

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent
 #: ViT-B/16 at 224 px with BEiT's mask (75 of 196 patches) and an 8192-code vocabulary; the tokenizer's own
 #: size does not matter (its codes are computed once)
 BASE = ["method=peco", "model=beit_base", "data=synthetic", "method.mask.num_masked=75", "method.mask.min_block=16",
-        "method.tokenizer.quantizer.num_codes=8192", "method.soft_target_temperature=null"]  # BEiT's hard targets
+        "method.tokenizer.quantizer.num_codes=8192"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -156,7 +156,8 @@ def test_stage2_loss_falls_tokenizer_stays_frozen_and_exports_for_timm(tokenizer
 
 
 def test_soft_targets_are_distributions_whose_mode_is_the_nearest_code(tokenizer_export: Path) -> None:
-    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}"])
+    cfg = load_config(["method=peco", *TINY, f"method.tokenizer.checkpoint={tokenizer_export}",
+                       "method.soft_target_temperature=1.0"])
     method = Peco(cfg).eval()
     batch = stage2_batch(cfg)
     rows = method.head.masked_rows(batch["mask"].flatten(1))
@@ -182,13 +183,13 @@ def test_soft_loss_of_one_hot_targets_is_the_fused_hard_loss(tokenizer_export: P
     torch.testing.assert_close(soft_accuracy, hard_accuracy)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("method.label_smoothing=0.1", "method.label_smoothing"),
-    ("method.soft_target_temperature=0", "method.soft_target_temperature"),
+@pytest.mark.parametrize("overrides, key", [
+    (["method.soft_target_temperature=1.0", "method.label_smoothing=0.1"], "method.label_smoothing"),
+    (["method.soft_target_temperature=0"], "method.soft_target_temperature"),
 ])
-def test_bad_soft_target_settings_are_one_line_errors(override: str, key: str) -> None:
+def test_bad_soft_target_settings_are_one_line_errors(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError, match=key):
-        load_config(["method=peco", override])
+        load_config(["method=peco", *overrides])
 
 
 def test_trainer_activation_checkpointing_reaches_the_backbone_in_the_plain_strategy(tokenizer_export: Path) -> None:
