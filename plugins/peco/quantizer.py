@@ -86,8 +86,7 @@ class VectorQuantizer(nn.Module):
 
     def squared_distances(self, z_flat: torch.Tensor) -> torch.Tensor:
         """(N, D) vectors -> (N, num_codes) squared distances to every code, under the lookup's metric."""
-        z_flat, codes = self._prepare(z_flat), self.codes().detach().float()
-        return (z_flat.pow(2).sum(1, keepdim=True) - 2 * z_flat @ codes.t() + codes.pow(2).sum(1)).clamp_min(0)
+        return torch.cdist(self._prepare(z_flat), self.codes().detach().float()).square()
 
     @torch.no_grad()
     def encode(self, z: torch.Tensor) -> torch.Tensor:
